@@ -1,0 +1,194 @@
+"""Per-domain megatron-core GPTDatasets behind one online, re-weightable dataset.
+
+megatron-core's ``BlendedDataset`` precomputes, for every training sample, which dataset and
+which sample it comes from: an index of size (training horizon), fixed weights, built before
+step 0. An online mixer cannot have that. Here each domain is an ordinary one-epoch
+``GPTDataset`` built (and cached) by megatron-core's own ``BlendedMegatronDatasetBuilder``, and
+:class:`OnlineBlendedDataset` is addressed by *keys* ``(dataset_id, position)`` that the
+:class:`~odm_megatron.mixer.OnlineMixer` hands out, ``position`` being how many samples that
+domain had served before. The dataset itself is stateless, so DataLoader workers can serve it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.utils import Split
+
+from odm_megatron.sampling import epoch_permutation
+
+logger = logging.getLogger(__name__)
+
+SampleKey = Tuple[int, int]  # (dataset_id, position in that domain's sample stream)
+
+
+class DatasetBuildError(RuntimeError):
+    """A domain's indexed dataset is missing, unreadable or too small."""
+
+
+class TokenizerSpec:
+    """The part of a tokenizer that megatron-core's GPTDataset needs: vocab size and EOD id.
+
+    Datasets never tokenize; passing this instead of a full tokenizer keeps the data path free
+    of tokenizer libraries.
+    """
+
+    def __init__(self, vocab_size: int, eod: int, pad: Optional[int] = None) -> None:
+        if vocab_size <= 0 or not 0 <= eod < vocab_size:
+            raise ValueError(f"bad tokenizer spec: vocab_size={vocab_size}, eod={eod}")
+        self.vocab_size = int(vocab_size)
+        self.eod = int(eod)
+        if pad is not None:
+            self.pad = int(pad)
+        # Part of megatron-core's dataset cache key.
+        self.unique_identifiers = OrderedDict(
+            [("class", "TokenizerSpec"), ("vocab_size", self.vocab_size), ("eod", self.eod)]
+        )
+
+
+def make_gpt_dataset_config(
+    seed: int,
+    seq_length: int,
+    tokenizer: TokenizerSpec,
+    path_to_cache: Optional[str] = None,
+    split: str = "100,0,0",
+    eod_mask_loss: bool = False,
+    reset_position_ids: bool = False,
+    reset_attention_mask: bool = False,
+    create_attention_mask: bool = False,
+    **kwargs,
+) -> GPTDatasetConfig:
+    """A megatron-core ``GPTDatasetConfig`` for per-domain datasets.
+
+    ``blend`` is filled per domain by :func:`build_domain_datasets`; the placeholder here only
+    satisfies the config's own validation.
+    """
+    return GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend=(["<per-domain>"], None),
+        split=split,
+        path_to_cache=path_to_cache,
+        tokenizer=tokenizer,
+        reset_position_ids=reset_position_ids,
+        reset_attention_mask=reset_attention_mask,
+        eod_mask_loss=eod_mask_loss,
+        create_attention_mask=create_attention_mask,
+        **kwargs,
+    )
+
+
+def _check_prefix(prefix: str, name: str) -> None:
+    missing = [p for p in (prefix + ".bin", prefix + ".idx") if not os.path.isfile(p)]
+    if missing:
+        raise DatasetBuildError(
+            f"domain {name!r}: indexed dataset not found: missing {', '.join(missing)} "
+            f"(prefix {prefix!r}; make shards with `odm-megatron preprocess`)"
+        )
+
+
+def _is_built_on_rank() -> bool:
+    return True
+
+
+def build_domain_datasets(
+    prefixes: Sequence[str],
+    config: GPTDatasetConfig,
+    split: Split = Split.train,
+    domain_names: Optional[Sequence[str]] = None,
+) -> List[GPTDataset]:
+    """One one-epoch ``GPTDataset`` per prefix, built through megatron-core's builder.
+
+    The builder handles index construction, the on-disk index cache (rank 0 builds, the others
+    wait and load) and the split. Errors name the domain and the prefix.
+    """
+    names = list(domain_names) if domain_names is not None else [os.path.basename(p) for p in prefixes]
+    if len(names) != len(prefixes):
+        raise ValueError(f"{len(prefixes)} prefixes but {len(names)} domain names")
+    if not prefixes:
+        raise ValueError("no dataset prefixes given")
+    datasets = []
+    for prefix, name in zip(prefixes, names):
+        _check_prefix(prefix, name)
+        domain_config = _config_for_prefix(config, prefix)
+        sizes = [None] * len(Split)
+        try:
+            built = BlendedMegatronDatasetBuilder(GPTDataset, sizes, _is_built_on_rank, domain_config).build()
+        except Exception as e:  # corrupt .idx, mismatched .bin, ... surface as one line
+            raise DatasetBuildError(
+                f"domain {name!r}: cannot read indexed dataset {prefix!r}: {type(e).__name__}: {e}"
+            ) from e
+        dataset = built[split.value]
+        if dataset is None or len(dataset) == 0:
+            raise DatasetBuildError(
+                f"domain {name!r}: no {split.name} samples of {config.sequence_length} tokens in "
+                f"{prefix!r} (too little data for this sequence length and split {config.split!r})"
+            )
+        datasets.append(dataset)
+    return datasets
+
+
+def _config_for_prefix(config: GPTDatasetConfig, prefix: str) -> GPTDatasetConfig:
+    fields = {
+        f: getattr(config, f)
+        for f in config.__dataclass_fields__
+        if config.__dataclass_fields__[f].init and f not in ("blend", "blend_per_split")
+    }
+    return GPTDatasetConfig(**{**fields, "blend": ([prefix], None)})
+
+
+class OnlineBlendedDataset(torch.utils.data.Dataset):
+    """Domains' GPTDatasets addressed by ``(dataset_id, position)`` keys.
+
+    ``position`` counts the samples the domain has served so far (its cursor); position ``p``
+    is sample ``p % n`` of epoch ``p // n`` (see :mod:`odm_megatron.sampling`). Items are
+    megatron-core sample dicts plus ``dataset_id``, as megatron-core's BlendedDataset returns.
+    """
+
+    def __init__(
+        self,
+        datasets: Sequence[GPTDataset],
+        seed: int,
+        domain_names: Optional[Sequence[str]] = None,
+    ) -> None:
+        if not datasets:
+            raise ValueError("OnlineBlendedDataset needs at least one dataset")
+        self.datasets = list(datasets)
+        self.seed = int(seed)
+        self.domain_names = list(domain_names) if domain_names is not None else [
+            os.path.basename(d.dataset_path or f"domain{i}") for i, d in enumerate(self.datasets)
+        ]
+        if len(self.domain_names) != len(self.datasets):
+            raise ValueError(f"{len(self.datasets)} datasets but {len(self.domain_names)} domain names")
+        self.num_samples_per_domain = np.array([len(d) for d in self.datasets], dtype=np.int64)
+        # Per worker: the permutation of the epoch each domain is in (one epoch per domain).
+        self._epoch_orders: Dict[int, Tuple[int, np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        """Samples in one epoch of every domain (the stream itself is unbounded)."""
+        return int(self.num_samples_per_domain.sum())
+
+    def sample_index(self, dataset_id: int, position: int) -> int:
+        """The index into domain ``dataset_id``'s GPTDataset of its ``position``-th sample."""
+        n = int(self.num_samples_per_domain[dataset_id])
+        epoch, offset = divmod(int(position), n)
+        if epoch == 0:
+            return offset
+        cached = self._epoch_orders.get(dataset_id)
+        if cached is None or cached[0] != epoch:
+            cached = (epoch, epoch_permutation(self.seed, dataset_id, epoch, n))
+            self._epoch_orders[dataset_id] = cached
+        return int(cached[1][offset])
+
+    def __getitem__(self, key: SampleKey) -> Dict[str, torch.Tensor]:
+        dataset_id, position = key
+        dataset_id = int(dataset_id)
+        sample = self.datasets[dataset_id][self.sample_index(dataset_id, position)]
+        return {"dataset_id": dataset_id, **sample}

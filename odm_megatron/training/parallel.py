@@ -1,0 +1,155 @@
+"""Process group and megatron-core model-parallel setup for ``odm-megatron train``.
+
+One process (``python -m odm_megatron train``) or many (``torchrun --nproc_per_node N``): the
+backend is nccl with GPUs and gloo without, and megatron-core's ``parallel_state`` is initialised
+with the requested tensor/pipeline sizes (data parallel = the rest). The feedback all-reduce of
+the mixer lives in :mod:`odm_megatron.distributed`; this module only builds the groups.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import random
+import socket
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ParallelEnv:
+    """Where this process sits in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+    tp_rank: int
+    tp_size: int
+    pp_rank: int
+    pp_size: int
+    dp_rank: int
+    dp_size: int
+    cpu_shims: bool
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    @property
+    def is_logging_rank(self) -> bool:
+        """The rank that writes logs: global rank 0 for everything except losses, which live on the
+        last pipeline stage (see :func:`last_stage_logging_rank`)."""
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_parallel(tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, seed: int = 1234,
+                   backend: str = "auto", timeout_minutes: int = 10) -> ParallelEnv:
+    """Initialise torch.distributed (always, also for one process: the mixer's collectives and
+    megatron-core's parallel_state expect a group) and megatron-core's model-parallel groups, apply
+    the CPU shims when there is no GPU, and seed every RNG the way megatron-core expects."""
+    from odm_megatron.training.cpu_shims import apply_cpu_shims, model_parallel_cpu_manual_seed
+
+    have_gpu = torch.cuda.is_available()
+    shims = apply_cpu_shims()
+    if backend == "auto":
+        backend = "nccl" if have_gpu else "gloo"
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if have_gpu:
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+
+    if not dist.is_initialized():
+        if "MASTER_ADDR" not in os.environ:
+            os.environ["MASTER_ADDR"] = "127.0.0.1"
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", "29500")
+        kwargs = {}
+        if backend == "nccl":
+            kwargs["device_id"] = device
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(minutes=timeout_minutes), **kwargs)
+
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel_size,
+                                     pipeline_model_parallel_size=pipeline_parallel_size)
+    env = ParallelEnv(
+        rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device,
+        backend=backend,
+        tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=ps.get_tensor_model_parallel_world_size(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(), pp_size=ps.get_pipeline_model_parallel_world_size(),
+        dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
+        cpu_shims=shims,
+    )
+    set_seed(seed, env)
+    if not have_gpu:
+        # Bit-exact resume and reproducible runs: CPU kernels have deterministic variants of all
+        # we use. (On GPU this would need CUBLAS_WORKSPACE_CONFIG and costs speed; not forced.)
+        torch.use_deterministic_algorithms(True)
+    logger.info("rank %d/%d: backend=%s device=%s TP=%d PP=%d DP=%d%s", env.rank, env.world_size, backend,
+                device, env.tp_size, env.pp_size, env.dp_size, " (megatron-core CPU shims)" if shims else "")
+    return env
+
+
+def set_seed(seed: int, env: ParallelEnv) -> None:
+    """Megatron's layout: every pipeline stage its own seed (seed + 100 * pp_rank), data-parallel
+    replicas the same one, tensor-parallel regions forked by megatron-core's RNG tracker."""
+    stage_seed = seed + 100 * env.pp_rank
+    random.seed(stage_seed)
+    np.random.seed(stage_seed % (2**32))
+    torch.manual_seed(stage_seed)
+    if torch.cuda.is_available():
+        from megatron.core import tensor_parallel
+
+        tensor_parallel.model_parallel_cuda_manual_seed(stage_seed)
+    else:
+        from odm_megatron.training.cpu_shims import model_parallel_cpu_manual_seed
+
+        model_parallel_cpu_manual_seed(stage_seed)
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+    """In-place sum over ``group`` (no-op for one process)."""
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    return tensor
+
+
+def teardown() -> None:
+    """Destroy megatron-core's groups and the process group (so tests can run train() twice)."""
+    try:
+        from megatron.core import parallel_state as ps
+
+        ps.destroy_model_parallel()
+    except Exception:  # pragma: no cover - best effort at exit
+        pass
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

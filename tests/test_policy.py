@@ -1,0 +1,135 @@
+"""Policy math against values computed by hand (scalar Python, not the implementation)."""
+import logging
+import math
+
+import numpy as np
+import pytest
+
+from odm_megatron.policy import POLICIES, exploration_rate, make_policy
+
+
+def eps(k, t):
+    return 1.0 / k if t == 0 else min(1.0 / k, math.sqrt(math.log(k) / (k * t)))
+
+
+def test_exploration_schedule():
+    assert exploration_rate(10, 0) == pytest.approx(0.1)
+    assert exploration_rate(10, 1) == pytest.approx(0.1)  # sqrt(ln10/10) = 0.48 > 1/K
+    assert exploration_rate(10, 100) == pytest.approx(math.sqrt(math.log(10) / 1000))
+    assert exploration_rate(1, 5) == 0.0
+
+
+def test_exp3_matches_hand_computation():
+    k, alpha = 2, 0.9
+    p = make_policy("odm-exp3", prior=np.array([0.5, 0.5]), alpha=alpha)
+    np.testing.assert_array_equal(p.weights(), [0.5, 0.5])  # prior before the first update
+    losses = [2.0, 4.0]
+    # update 1: pi = [.5, .5]; Rhat = 0.1 * L / 0.5
+    r = [(1 - alpha) * losses[i] / 0.5 for i in range(k)]
+    w1 = p.update(np.array(losses), np.array([10, 10]))
+    e1, e0 = eps(k, 1), eps(k, 0)
+    z = [math.exp(e0 * r[i]) for i in range(k)]
+    expected1 = [(1 - k * e1) * z[i] / sum(z) + e1 for i in range(k)]
+    np.testing.assert_allclose(w1, expected1, rtol=1e-12)
+    # update 2: pi = w1 (the weights in force before it)
+    r = [alpha * r[i] + (1 - alpha) * losses[i] / expected1[i] for i in range(k)]
+    w2 = p.update(np.array(losses), np.array([10, 10]))
+    e2 = eps(k, 2)
+    z = [math.exp(e1 * r[i]) for i in range(k)]
+    expected2 = [(1 - k * e2) * z[i] / sum(z) + e2 for i in range(k)]
+    np.testing.assert_allclose(w2, expected2, rtol=1e-12)
+    assert w2[1] > w2[0]  # the harder domain gains weight
+    # with many domains and updates the tilt is visible
+    np.testing.assert_allclose(p.reward, r, rtol=1e-12)
+
+
+def test_exp3_uses_given_sampling_probs_and_skips_unobserved():
+    p = make_policy("odm-exp3", prior=np.full(3, 1 / 3), alpha=0.5)
+    p.update(np.array([3.0, 1.0, 9.0]), np.array([5, 5, 0]), sampling_probs=np.array([0.6, 0.2, 0.2]))
+    np.testing.assert_allclose(p.reward, [0.5 * 3.0 / 0.6, 0.5 * 1.0 / 0.2, 0.0])
+
+
+def test_exp3_warmup_keeps_prior_while_learning():
+    prior = np.array([0.7, 0.2, 0.1])
+    p = make_policy("odm-exp3", prior=prior, alpha=0.0, warmup_updates=2)
+    for _ in range(2):
+        np.testing.assert_array_equal(p.update(np.array([1.0, 2.0, 3.0]), np.array([1, 1, 1])), p.prior)
+    np.testing.assert_allclose(p.prior, prior, rtol=1e-15)
+    np.testing.assert_allclose(p.reward, [1.0 / 0.7, 2.0 / 0.2, 3.0 / 0.1], rtol=1e-12)  # pi = the prior
+    w = p.update(np.array([1.0, 2.0, 3.0]), np.array([1, 1, 1]))
+    assert not np.allclose(w, prior)
+    assert p.num_updates == 3
+
+
+def test_smoothed_mean_matches_hand_computation():
+    k, a = 2, 0.5
+    p = make_policy("smoothed-mean", prior=np.array([0.5, 0.5]))
+    losses = [1.0, 2.0]
+    rhat = [0.0, 0.0]
+    for t in (1, 2, 3):
+        rhat = [a * rhat[i] + (1 - a) * math.exp(losses[i]) for i in range(k)]
+        w = p.update(np.array(losses), np.array([3, 3]))
+        e = eps(k, t)
+        expected = [(1 - k * e) * rhat[i] / sum(rhat) + e for i in range(k)]
+        np.testing.assert_allclose(w, expected, rtol=1e-12)
+    np.testing.assert_allclose(p.reward, rhat, rtol=1e-12)
+
+
+def test_static_is_the_prior():
+    prior = np.array([0.1, 0.3, 0.6])
+    p = make_policy("static", prior=prior)
+    for _ in range(5):
+        np.testing.assert_allclose(p.update(np.array([9.0, 1.0, 1.0]), np.array([1, 1, 1])), prior, rtol=1e-15)
+
+
+@pytest.mark.parametrize("name", ["odm-exp3", "smoothed-mean", "static"])
+@pytest.mark.parametrize("k", [1, 3, 2000])
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e6])
+def test_weights_always_a_distribution(name, k, scale):
+    rng = np.random.default_rng(k)
+    p = make_policy(name, prior=np.full(k, 1.0 / k))
+    for t in range(60):
+        observed = rng.integers(0, 2, size=k) * rng.integers(1, 100, size=k)
+        w = p.update(rng.random(k) * scale, observed)
+        assert np.all(np.isfinite(w)) and np.all(w >= 0)
+        assert w.sum() == pytest.approx(1.0, abs=1e-12)
+    if k == 1:
+        np.testing.assert_array_equal(p.weights(), [1.0])
+
+
+def test_non_finite_loss_skips_domain_with_warning(caplog):
+    p = make_policy("odm-exp3", prior=np.full(3, 1 / 3))
+    with caplog.at_level(logging.WARNING):
+        w = p.update(np.array([1.0, np.nan, np.inf]), np.array([4, 4, 4]))
+    assert "non-finite" in caplog.text
+    assert p.reward[1] == 0.0 and p.reward[2] == 0.0 and p.reward[0] > 0
+    assert np.isclose(w.sum(), 1.0)
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_state_dict_round_trip_continues_identically(name):
+    rng = np.random.default_rng(0)
+    a = make_policy(name, prior=np.array([0.2, 0.3, 0.5]))
+    for _ in range(7):
+        a.update(rng.random(3) * 5, np.array([1, 2, 3]))
+    b = make_policy(name, prior=np.array([1 / 3, 1 / 3, 1 / 3]))
+    b.load_state_dict(a.state_dict())
+    for _ in range(5):
+        losses = rng.random(3) * 5
+        np.testing.assert_array_equal(a.update(losses, np.array([1, 0, 3])), b.update(losses, np.array([1, 0, 3])))
+
+
+def test_bad_arguments_are_clear():
+    with pytest.raises(ValueError, match="unknown policy"):
+        make_policy("exp4", prior=np.ones(2) / 2)
+    with pytest.raises(ValueError, match="bad hyperparameters"):
+        make_policy("odm-exp3", prior=np.ones(2) / 2, gamma=3)
+    with pytest.raises(ValueError, match="alpha"):
+        make_policy("odm-exp3", prior=np.ones(2) / 2, alpha=1.5)
+    with pytest.raises(ValueError, match="non-negative"):
+        make_policy("static", prior=np.array([0.5, -0.5]))
+    with pytest.raises(ValueError, match="expected 2 domains"):
+        make_policy("static", prior=np.ones(2) / 2).update(np.ones(3), np.ones(3))
+    with pytest.raises(ValueError, match="is for 'odm-exp3'"):
+        make_policy("static", prior=np.ones(2) / 2).load_state_dict(
+            make_policy("odm-exp3", prior=np.ones(2) / 2).state_dict())
