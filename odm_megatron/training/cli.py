@@ -1,0 +1,61 @@
+"""``odm-megatron train``: pretrain a megatron-core GPT with online data mixing.
+
+One process: ``python -m odm_megatron train ...``; data parallel:
+``torchrun --nproc_per_node N -m odm_megatron train ...``. Configuration errors (bad flags,
+missing or mismatched manifests, a checkpoint of another run) print one line and exit with 2.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Optional
+
+from odm_megatron.training.arguments import ConfigError, add_arguments as _add_arguments, validate_args
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_arguments(parser)
+
+
+def format_summary_table(summary) -> str:
+    """The per-domain table printed at the end: prior, final weight, validation loss/perplexity."""
+    names = summary.domain_names
+    width = max(8, max(len(n) for n in names))
+    evals = (summary.last_eval or {}).get("domains", {})
+    lines = [f"{'domain':<{width}}  {'prior':>7}  {'weight':>7}  {'val loss':>9}  {'val ppl':>9}"]
+    lines.append("-" * len(lines[0]))
+    for name, p, w in zip(names, summary.prior, summary.final_weights):
+        e = evals.get(name)
+        loss = f"{e['loss']:9.4f}" if e else f"{'-':>9}"
+        ppl = f"{e['ppl']:9.2f}" if e else f"{'-':>9}"
+        lines.append(f"{name:<{width}}  {p:7.3f}  {w:7.3f}  {loss}  {ppl}")
+    if summary.last_eval:
+        avg = summary.last_eval["average"]
+        lines.append("-" * len(lines[0]))
+        lines.append(f"{'average':<{width}}  {'':>7}  {'':>7}  {avg['loss']:9.4f}  {avg['ppl']:9.2f}")
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    from odm_megatron.manifest import ManifestError
+
+    try:
+        validate_args(args)
+        from odm_megatron.training.train import run_training
+
+        summary = run_training(args)
+    except (ConfigError, ManifestError) as e:
+        print(f"odm-megatron train: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        from odm_megatron.training.parallel import teardown
+
+        teardown()
+    if summary.extra.get("rank", 0) == 0:
+        at = f" (validation at step {summary.last_eval['step']})" if summary.last_eval else ""
+        print(f"\nFinished at step {summary.iteration} in {summary.wall_time_s:.1f}s; weights and validation{at}:")
+        print(format_summary_table(summary))
+    return 0

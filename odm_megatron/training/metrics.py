@@ -1,0 +1,174 @@
+"""What a training run reports: JSONL logs, console lines and (optionally) TensorBoard events.
+
+``--log-dir`` holds, written by global rank 0:
+
+- ``train.jsonl``    one line per step: step, loss, lr, grad_norm, tokens/s, step time
+- ``mixture.jsonl``  one line per policy update: step, weights / loss / tokens by domain name
+- ``eval.jsonl``     one line per evaluation: step, per-domain and average loss and perplexity
+- ``tensorboard/``   the same scalars, when the ``tensorboard`` package is installed
+
+and, with ``--log-sample-order``, ``sample_order_rank<R>.jsonl`` from every rank: one line per
+micro-batch, ``[domain id, within-domain position]`` of each sample in consumption order.
+Every ``step`` is a 1-based iteration number (optimizer steps completed), as in Megatron's logs.
+When a run resumes, lines past the resumed iteration (from the interrupted run) are dropped so
+the logs read as one uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from typing import Any, Dict, List, Optional, Sequence
+
+logger = logging.getLogger(__name__)
+
+STEP_KEYED_LOGS = ("train.jsonl", "mixture.jsonl", "eval.jsonl")
+
+
+def _json_default(value: Any):
+    try:
+        import numpy as np
+
+        if isinstance(value, np.generic):
+            return value.item()
+        if isinstance(value, np.ndarray):
+            return value.tolist()
+    except ImportError:  # pragma: no cover
+        pass
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _finite_or_none(value: float) -> Optional[float]:
+    return float(value) if value is not None and math.isfinite(value) else None
+
+
+def truncate_step_log(path: str, last_step: int) -> None:
+    """Keep only lines whose ``step`` <= ``last_step`` (atomically: temp file + rename)."""
+    if not os.path.isfile(path):
+        return
+    kept: List[str] = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                if int(json.loads(line)["step"]) <= last_step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn last line from a killed run
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
+class MetricsLogger:
+    """Rank-0 JSONL + TensorBoard writer; a no-op object on other ranks or without a log dir."""
+
+    def __init__(self, log_dir: Optional[str], enabled: bool, domain_names: Sequence[str],
+                 resume_step: int = 0, tensorboard: bool = True) -> None:
+        self.log_dir = log_dir
+        self.enabled = bool(enabled and log_dir)
+        self.domain_names = list(domain_names)
+        self._files: Dict[str, Any] = {}
+        self._tb = None
+        if not self.enabled:
+            return
+        os.makedirs(log_dir, exist_ok=True)
+        for name in STEP_KEYED_LOGS:
+            path = os.path.join(log_dir, name)
+            if resume_step > 0:
+                truncate_step_log(path, resume_step)
+            elif os.path.exists(path):
+                os.remove(path)  # a fresh run in an old log dir starts fresh logs
+            self._files[name] = open(path, "a", encoding="utf-8")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(os.path.join(log_dir, "tensorboard"), purge_step=resume_step or None)
+            except (ImportError, ModuleNotFoundError):
+                logger.debug("tensorboard not installed: no event files")
+
+    def _write(self, name: str, record: Dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        f = self._files[name]
+        f.write(json.dumps(record, default=_json_default) + "\n")
+        f.flush()
+
+    def log_train(self, step: int, loss: float, lr: float, grad_norm: float, tokens_per_s: float,
+                  step_time: float) -> None:
+        self._write("train.jsonl", {"step": step, "loss": loss, "lr": lr, "grad_norm": _finite_or_none(grad_norm),
+                                    "tokens_per_s": tokens_per_s, "step_time": step_time})
+        if self._tb is not None:
+            self._tb.add_scalar("train/loss", loss, step)
+            self._tb.add_scalar("train/lr", lr, step)
+            self._tb.add_scalar("train/tokens_per_s", tokens_per_s, step)
+
+    def log_mixture(self, record: Dict[str, Any]) -> None:
+        self._write("mixture.jsonl", record)
+        if self._tb is not None:
+            for name, w in record["weights"].items():
+                self._tb.add_scalar(f"mixture/weight/{name}", w, record["step"])
+
+    def log_eval(self, step: int, results: Dict[str, Dict[str, float]], average: Dict[str, float]) -> None:
+        self._write("eval.jsonl", {"step": step, "domains": results, "average": average})
+        if self._tb is not None:
+            for name, r in results.items():
+                self._tb.add_scalar(f"eval/ppl/{name}", r["ppl"], step)
+                self._tb.add_scalar(f"eval/loss/{name}", r["loss"], step)
+            self._tb.add_scalar("eval/ppl/average", average["ppl"], step)
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+class SampleOrderLogger:
+    """Per-rank audit log of consumed samples (``--log-sample-order``)."""
+
+    def __init__(self, log_dir: Optional[str], rank: int, enabled: bool, resume_step: int = 0) -> None:
+        self.enabled = bool(enabled and log_dir)
+        self._f = None
+        if self.enabled:
+            os.makedirs(log_dir, exist_ok=True)
+            path = os.path.join(log_dir, f"sample_order_rank{rank}.jsonl")
+            if resume_step > 0:
+                truncate_step_log(path, resume_step)
+            elif os.path.exists(path):
+                os.remove(path)
+            self._f = open(path, "a", encoding="utf-8")
+
+    def log(self, step: int, micro: int, dataset_ids: Sequence[int], positions: Sequence[int]) -> None:
+        if self._f is None:
+            return
+        samples = [[int(d), int(p)] for d, p in zip(dataset_ids, positions)]
+        self._f.write(json.dumps({"step": step, "micro": micro, "samples": samples}) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+def format_weights(domain_names: Sequence[str], weights: Sequence[float], limit: int = 8) -> str:
+    pairs = sorted(zip(domain_names, weights), key=lambda x: -x[1])
+    text = " ".join(f"{n}={w:.2f}" for n, w in pairs[:limit])
+    return text + (" ..." if len(pairs) > limit else "")
+
+
+def console_train_line(step: int, train_iters: int, loss: float, lr: float, grad_norm: float,
+                       tokens_per_s: float, step_time: float, domain_names: Sequence[str],
+                       weights: Sequence[float]) -> str:
+    return (f"step {step:>6d}/{train_iters} | loss {loss:.4f} | lr {lr:.3e} | grad {grad_norm:.3f} | "
+            f"{tokens_per_s:,.0f} tok/s | {step_time * 1000:.0f} ms/step | weights {format_weights(domain_names, weights)}")
+
+
+def console_eval_line(step: int, results: Dict[str, Dict[str, float]], average: Dict[str, float]) -> str:
+    per = " ".join(f"{n}={r['ppl']:.1f}" for n, r in results.items())
+    return f"eval @ step {step}: avg loss {average['loss']:.4f} avg ppl {average['ppl']:.2f} | ppl {per}"
