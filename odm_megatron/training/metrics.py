@@ -7,8 +7,10 @@
 - ``eval.jsonl``     one line per evaluation: step, per-domain and average loss and perplexity
 - ``tensorboard/``   the same scalars, when the ``tensorboard`` package is installed
 
-and, with ``--log-sample-order``, ``sample_order_rank<R>.jsonl`` from every rank: one line per
-micro-batch, ``[domain id, within-domain position]`` of each sample in consumption order.
+and, with ``--log-sample-order``, from every rank: ``sample_order_rank<R>.jsonl``, one line per
+micro-batch with ``[domain id, within-domain position]`` of each sample in consumption order, and
+``mixture_rank<R>.jsonl``, that rank's own copy of every policy update (to audit that all ranks
+agree).
 Every ``step`` is a 1-based iteration number (optimizer steps completed), as in Megatron's logs.
 When a run resumes, lines past the resumed iteration (from the interrupted run) are dropped so
 the logs read as one uninterrupted run.
@@ -134,14 +136,18 @@ class SampleOrderLogger:
     def __init__(self, log_dir: Optional[str], rank: int, enabled: bool, resume_step: int = 0) -> None:
         self.enabled = bool(enabled and log_dir)
         self._f = None
+        self._updates = None
         if self.enabled:
             os.makedirs(log_dir, exist_ok=True)
-            path = os.path.join(log_dir, f"sample_order_rank{rank}.jsonl")
-            if resume_step > 0:
-                truncate_step_log(path, resume_step)
-            elif os.path.exists(path):
-                os.remove(path)
-            self._f = open(path, "a", encoding="utf-8")
+            files = []
+            for name in (f"sample_order_rank{rank}.jsonl", f"mixture_rank{rank}.jsonl"):
+                path = os.path.join(log_dir, name)
+                if resume_step > 0:
+                    truncate_step_log(path, resume_step)
+                elif os.path.exists(path):
+                    os.remove(path)
+                files.append(open(path, "a", encoding="utf-8"))
+            self._f, self._updates = files
 
     def log(self, step: int, micro: int, dataset_ids: Sequence[int], positions: Sequence[int]) -> None:
         if self._f is None:
@@ -150,10 +156,18 @@ class SampleOrderLogger:
         self._f.write(json.dumps({"step": step, "micro": micro, "samples": samples}) + "\n")
         self._f.flush()
 
+    def log_update(self, record: Dict[str, Any]) -> None:
+        """This rank's copy of a policy update (every rank must hold the same weights)."""
+        if self._updates is None:
+            return
+        self._updates.write(json.dumps(record, default=_json_default) + "\n")
+        self._updates.flush()
+
     def close(self) -> None:
-        if self._f is not None:
-            self._f.close()
-            self._f = None
+        for f in (self._f, self._updates):
+            if f is not None:
+                f.close()
+        self._f = self._updates = None
 
 
 def format_weights(domain_names: Sequence[str], weights: Sequence[float], limit: int = 8) -> str:

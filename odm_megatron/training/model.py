@@ -29,7 +29,11 @@ def build_transformer_config(args: argparse.Namespace, env: ParallelEnv):
     """megatron-core ``TransformerConfig`` from the Megatron-named flags."""
     from megatron.core.transformer import TransformerConfig
 
+    extra = {}
+    if "cuda_graph_scope" in TransformerConfig.__dataclass_fields__:
+        extra["cuda_graph_scope"] = []  # the default "full" only triggers a deprecation warning
     return TransformerConfig(
+        **extra,
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
         ffn_hidden_size=args.ffn_hidden_size,

@@ -91,8 +91,12 @@ def _build_loader(args: argparse.Namespace, dataset, mixer, iteration: int, env:
                                        data_parallel_rank=env.dp_rank, data_parallel_size=env.dp_size)
     if args.log_sample_order:
         dataset = PositionTaggedDataset(dataset)
+    # A private generator: creating a loader iterator draws a base seed, which must not come from the
+    # global RNG (a resumed run creates its iterator after restoring the RNG states, the original
+    # run before step 1; drawing from the global RNG would shift every later dropout mask).
     return DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
-                      pin_memory=env.device.type == "cuda", prefetch_factor=prefetch)
+                      pin_memory=env.device.type == "cuda", prefetch_factor=prefetch,
+                      generator=torch.Generator().manual_seed(args.seed))
 
 
 def _masked_mean(per_token_loss: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
@@ -149,15 +153,17 @@ def _global_mean_loss(local_mean: torch.Tensor, env: ParallelEnv) -> float:
 def run_training(args: argparse.Namespace) -> TrainSummary:
     """Train as the (validated) args say. Collective over the launched processes."""
     start_time = time.time()
+    # Manifests and prior first: they only read files, so their errors come before any process group.
+    sources = resolve_sources(args)
+    prior = resolve_prior(args.prior, sources.domain_names, sources.train.natural_weights)
     env = setup_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, seed=args.seed,
                          backend=args.distributed_backend, timeout_minutes=args.distributed_timeout_minutes)
     if env.dp_size != args.data_parallel_size:
         raise ConfigError(f"data-parallel size is {env.dp_size}, expected {args.data_parallel_size}")
 
     # --- data, model, optimizer, mixer --------------------------------------------------------
-    data = build_datasets(args, resolve_sources(args))
+    data = build_datasets(args, sources)
     names = data.domain_names
-    prior = resolve_prior(args.prior, names, data.train.natural_weights)
     model = build_model(args, env, data.train.vocab_size)
     optimizer = build_optimizer(args, model)
     scheduler = LRSchedule(optimizer, args.lr, args.min_lr, args.lr_warmup_iters, args.lr_decay_iters,
@@ -243,6 +249,7 @@ def run_training(args: argparse.Namespace) -> TrainSummary:
             line["step"] = record.step + 1
             line["effective_step"] = record.effective_step + 1
             metrics.log_mixture(line)
+            order_log.log_update(line)
         if log_rank and (iteration % args.log_interval == 0 or iteration == 1 or iteration == args.train_iters):
             logger.info(console_train_line(iteration, args.train_iters, last_loss, lr, grad_norm,
                                            tokens_per_step / step_time, step_time, names, weights))

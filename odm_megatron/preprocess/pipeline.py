@@ -1,0 +1,265 @@
+"""Pile-format jsonl in, per-domain indexed datasets and a manifest out, in input order.
+
+The main process reads and decompresses (cheap), hands chunks of whole lines to workers that
+parse and tokenize them (the real cost), and writes the results back in submission order, so
+the shards are byte-identical for any number of workers. At most ``2 * workers + 2`` chunks are
+in flight: memory stays bounded however large the input. With one worker everything runs in the
+main process, with no pool and no pickling.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import multiprocessing
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+
+from odm_megatron.preprocess.domains import DomainError, DomainKey
+from odm_megatron.preprocess.readers import Chunk, InputError, StreamProblem, check_input, iter_chunks
+from odm_megatron.preprocess.skips import REASONS, SkipRecord, StrictModeError
+from odm_megatron.preprocess.worker import ChunkProcessor, ChunkResult, WorkerConfig, init_worker, process_chunk
+from odm_megatron.tokenizer import TokenizerError, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DOMAIN_KEY = "meta.pile_set_name"
+
+
+class PreprocessError(ValueError):
+    """A run that cannot start or finish; the message is one line for the user."""
+
+
+# Errors that reach the user as one line (exit code 2 from the CLI).
+USER_ERRORS = (PreprocessError, InputError, TokenizerError, DomainError, StrictModeError)
+
+
+@dataclass
+class PreprocessConfig:
+    """What ``odm-megatron preprocess`` does; validated before any file is touched."""
+
+    inputs: List[str]
+    tokenizer_model: str
+    output_dir: str
+    workers: int = 1
+    domain_key: str = DEFAULT_DOMAIN_KEY
+    append_eod: bool = False
+    strict: bool = False
+    overwrite: bool = False
+    chunk_bytes: int = 1 << 20
+    progress: Optional[bool] = None  # None: a bar only when stderr is a terminal
+    start_method: Optional[str] = None  # None: forkserver where available, else spawn
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            raise PreprocessError("no input files given")
+        if self.workers < 1:
+            raise PreprocessError(f"--workers must be >= 1, not {self.workers}")
+        if self.chunk_bytes < 1:
+            raise PreprocessError("chunk_bytes must be positive")
+        try:
+            DomainKey(self.domain_key)
+        except ValueError as e:
+            raise PreprocessError(str(e)) from None
+        seen = set()
+        for path in self.inputs:
+            real = os.path.realpath(path)
+            if real in seen:
+                raise PreprocessError(f"input given twice: {path}")
+            seen.add(real)
+
+
+@dataclass
+class InputStats:
+    path: str
+    size: int
+    lines: int = 0
+    documents: int = 0
+    tokens: int = 0
+
+
+@dataclass
+class PreprocessResult:
+    manifest_path: str
+    manifest: Dict[str, Any]
+    skipped: SkipRecord
+    seconds: float
+    input_bytes: int  # decompressed jsonl bytes read
+    inputs: List[InputStats] = field(default_factory=list)
+
+    @property
+    def documents(self) -> int:
+        return int(self.manifest["totals"]["documents"])
+
+    @property
+    def tokens(self) -> int:
+        return int(self.manifest["totals"]["tokens"])
+
+
+def run_preprocess(config: PreprocessConfig) -> PreprocessResult:
+    """Tokenize ``config.inputs`` into ``config.output_dir``; see the module docstring."""
+    started = time.perf_counter()
+    inputs = [InputStats(os.path.abspath(p), check_input(p)) for p in config.inputs]
+    tokenizer = load_tokenizer(config.tokenizer_model)
+    # Workers start before megatron-core (and torch) are imported here: they need neither.
+    pool = _start_pool(config, tokenizer) if config.workers > 1 else None
+    try:
+        from odm_megatron.preprocess.manifest_writer import build_manifest, write_manifest
+        from odm_megatron.preprocess.writer import ShardWriter, prepare_output_dir, shard_dtype
+
+        dtype = shard_dtype(tokenizer.vocab_size)
+        prepare_output_dir(config.output_dir, config.overwrite)
+        worker_config = WorkerConfig(tokenizer.path, config.domain_key, config.append_eod, dtype.name)
+        writer = ShardWriter(config.output_dir, dtype)
+        skipped = SkipRecord()
+        progress = _Progress(sum(i.size for i in inputs), config.progress)
+        try:
+            jobs = _jobs(inputs, config.chunk_bytes)
+            if pool is None:
+                results = _in_process(jobs, ChunkProcessor(worker_config, tokenizer))
+            else:
+                results = _ordered_pool(jobs, pool, 2 * config.workers + 2)
+            input_bytes = 0
+            for item in results:
+                if isinstance(item, StreamProblem):
+                    stats = inputs[item.file_index]
+                    _skip(config, skipped, stats.path, item.line, item.reason, item.detail)
+                    progress.update(stats, item.raw_position, 0, 0, 0)
+                    continue
+                chunk, result = item
+                stats = inputs[chunk.file_index]
+                for line, reason, detail in result.skips:
+                    _skip(config, skipped, stats.path, line, reason, detail)
+                writer.add_documents(result.domains, result.offsets, result.tokens)
+                stats.lines += chunk.num_lines
+                stats.documents += len(result.domains)
+                stats.tokens += len(result.tokens)
+                input_bytes += len(chunk.data)
+                progress.update(stats, chunk.raw_position, len(result.domains), len(result.tokens), len(chunk.data))
+            if not writer.stats:
+                raise PreprocessError(
+                    f"no documents found in {len(inputs)} input file(s) "
+                    f"({skipped.total} lines skipped: {'; '.join(skipped.summary_lines()) or 'all empty'})"
+                )
+            domains = writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            progress.close()
+        manifest = build_manifest(
+            domains,
+            tokenizer.describe(),
+            [{"path": i.path, "size": i.size, "lines": i.lines, "documents": i.documents, "tokens": i.tokens}
+             for i in inputs],
+            skipped,
+            {"domain_key": config.domain_key, "append_eod": config.append_eod, "dtype": dtype.name},
+        )
+        path = write_manifest(config.output_dir, manifest)
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    seconds = time.perf_counter() - started
+    logger.info("wrote %d domains, %d documents, %d tokens to %s in %.1f s", len(domains),
+                manifest["totals"]["documents"], manifest["totals"]["tokens"], path, seconds)
+    return PreprocessResult(path, manifest, skipped, seconds, input_bytes, inputs)
+
+
+def _skip(config: PreprocessConfig, skipped: SkipRecord, path: str, line: int, reason: str, detail: str) -> None:
+    if config.strict:
+        extra = f": {detail}" if detail else ""
+        raise StrictModeError(f"{path}:{line}: {REASONS[reason]} [{reason}]{extra} (--strict)")
+    skipped.add(reason, path, line)
+
+
+Job = Tuple[int, int, int, bytes]
+Item = Union[StreamProblem, Tuple[Chunk, ChunkResult]]
+
+
+def _jobs(inputs: List[InputStats], chunk_bytes: int) -> Iterator[Union[Chunk, StreamProblem]]:
+    for index, stats in enumerate(inputs):
+        yield from iter_chunks(stats.path, index, chunk_bytes)
+
+
+def _job(chunk: Chunk) -> Job:
+    return (chunk.file_index, chunk.first_line, chunk.num_lines, chunk.data)
+
+
+def _in_process(items: Iterator[Union[Chunk, StreamProblem]], processor: ChunkProcessor) -> Iterator[Item]:
+    for item in items:
+        if isinstance(item, StreamProblem):
+            yield item
+        else:
+            yield item, processor(_job(item))
+
+
+def _ordered_pool(items: Iterator[Union[Chunk, StreamProblem]], pool: Any, max_pending: int) -> Iterator[Item]:
+    """Results in submission order, with at most ``max_pending`` chunks submitted and unread.
+
+    (``Pool.imap`` would read the whole input ahead of the workers.)
+    """
+    pending: collections.deque = collections.deque()
+    for item in items:
+        if isinstance(item, StreamProblem):
+            pending.append((item, None))
+        else:
+            pending.append((item, pool.apply_async(process_chunk, (_job(item),))))
+        while len(pending) >= max_pending or (pending and pending[0][1] is None):
+            yield _resolve(pending.popleft())
+    while pending:
+        yield _resolve(pending.popleft())
+
+
+def _resolve(entry: Tuple[Any, Any]) -> Item:
+    item, future = entry
+    return item if future is None else (item, future.get())
+
+
+def _start_pool(config: PreprocessConfig, tokenizer: Any) -> Any:
+    method = config.start_method
+    if method is None:
+        method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    ctx = multiprocessing.get_context(method)
+    # The shard dtype by megatron-core's rule, without importing it yet; should the rule ever
+    # differ, IndexedDatasetBuilder casts to its own dtype, so the shards stay right.
+    dtype = "uint16" if tokenizer.vocab_size < 65500 else "int32"
+    worker_config = WorkerConfig(tokenizer.path, config.domain_key, config.append_eod, dtype)
+    return ctx.Pool(config.workers, initializer=init_worker, initargs=(worker_config,))
+
+
+class _Progress:
+    """A tqdm bar on stderr (documents/s, tokens/s, MB/s) only when it is a terminal."""
+
+    def __init__(self, total_raw_bytes: int, enabled: Optional[bool]) -> None:
+        if enabled is None:
+            enabled = sys.stderr.isatty()
+        self.bar = None
+        self.start = time.perf_counter()
+        self.documents = self.tokens = self.text_bytes = 0
+        self.done_raw: Dict[str, int] = {}
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_raw_bytes, unit="B", unit_scale=True, unit_divisor=1024,
+                            desc="preprocess", file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+
+    def update(self, stats: InputStats, raw_position: int, documents: int, tokens: int, text_bytes: int) -> None:
+        self.documents += documents
+        self.tokens += tokens
+        self.text_bytes += text_bytes
+        if self.bar is None:
+            return
+        previous = self.done_raw.get(stats.path, 0)
+        self.done_raw[stats.path] = raw_position
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        self.bar.set_postfix_str(
+            f"{self.documents / elapsed:,.0f} docs/s, {self.tokens / elapsed:,.0f} tok/s, "
+            f"{self.text_bytes / elapsed / 1e6:.1f} MB/s text", refresh=False)
+        self.bar.update(raw_position - previous)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,166 @@
+"""Per-domain Megatron indexed datasets, written so that an interrupted run never looks done.
+
+Each domain gets megatron-core's ``IndexedDatasetBuilder`` writing ``<prefix>.bin.partial``;
+``commit()`` writes ``<prefix>.idx.partial`` and only then renames both to their real names
+(``.bin`` first: ``IndexedDataset.exists`` wants both). The manifest, written after all
+renames, is the mark of a finished run. ``abort()`` removes the partial files.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Dict, List
+
+import numpy as np
+
+from odm_megatron.preprocess.domains import DomainRegistry
+
+logger = logging.getLogger(__name__)
+
+PARTIAL = ".partial"
+MANIFEST_NAME = "manifest.json"
+
+
+class OutputDirError(ValueError):
+    """The output directory cannot be used (not empty without --overwrite, not a directory)."""
+
+
+def indexed_dataset_module():
+    """megatron-core's indexed_dataset, imported without its unrelated start-up chatter.
+
+    Importing it imports all of ``megatron.core``, which logs and warns about optional training
+    dependencies (Transformer Engine, Apex) that preprocessing never uses.
+    """
+    import importlib
+    import warnings
+
+    name = "megatron.core.datasets.indexed_dataset"
+    if name in sys.modules:
+        return sys.modules[name]
+    megatron_logger = logging.getLogger("megatron")
+    level = megatron_logger.level
+    megatron_logger.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return importlib.import_module(name)
+    finally:
+        megatron_logger.setLevel(level)
+
+
+def shard_dtype(vocab_size: int) -> np.dtype:
+    """The smallest dtype for the ids, by megatron-core's own rule (uint16 below 65500)."""
+    return np.dtype(indexed_dataset_module().DType.optimal_dtype(vocab_size))
+
+
+def _is_ours(name: str) -> bool:
+    stem = name[: -len(PARTIAL)] if name.endswith(PARTIAL) else name
+    return name == MANIFEST_NAME or name == MANIFEST_NAME + PARTIAL or (
+        stem.endswith(("_text_document.bin", "_text_document.idx"))
+    )
+
+
+def prepare_output_dir(path: str, overwrite: bool) -> None:
+    """Create ``path``; refuse a non-empty one unless ``overwrite``.
+
+    With ``overwrite``, files this tool writes (manifest, ``*_text_document.bin/.idx``, partial
+    files) are removed first, the manifest first, so shards from an older run are never listed
+    next to new ones. Other files are left alone.
+    """
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise OutputDirError(f"output path exists and is not a directory: {path}")
+    os.makedirs(path, exist_ok=True)
+    entries = sorted(os.listdir(path))
+    if not entries:
+        return
+    if not overwrite:
+        raise OutputDirError(
+            f"output directory is not empty: {path} ({len(entries)} entries); pass --overwrite to replace its shards"
+        )
+    for name in sorted(entries, key=lambda n: n != MANIFEST_NAME):
+        if _is_ours(name) and os.path.isfile(os.path.join(path, name)):
+            os.remove(os.path.join(path, name))
+
+
+@dataclass
+class DomainStats:
+    name: str
+    prefix: str
+    documents: int = 0
+    tokens: int = 0
+
+
+@dataclass
+class ShardWriter:
+    """Routes token arrays to one ``IndexedDatasetBuilder`` per domain."""
+
+    output_dir: str
+    dtype: np.dtype
+    registry: DomainRegistry = field(default_factory=DomainRegistry)
+    stats: Dict[str, DomainStats] = field(default_factory=dict)
+    _builders: Dict[str, object] = field(default_factory=dict, repr=False)
+    _closed: bool = field(default=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._builder_cls = indexed_dataset_module().IndexedDatasetBuilder
+        self.dtype = np.dtype(self.dtype)
+
+    def _path(self, prefix: str, ext: str) -> str:
+        return os.path.join(self.output_dir, prefix + ext)
+
+    def _open(self, domain: str):
+        prefix = self.registry.prefix(domain)  # raises on a file-name collision
+        builder = self._builder_cls(self._path(prefix, ".bin" + PARTIAL), dtype=self.dtype.type)
+        self._builders[domain] = builder
+        self.stats[domain] = DomainStats(domain, prefix)
+        logger.debug("new domain %r -> %s", domain, prefix)
+        return builder
+
+    def add_documents(self, domains: List[str], offsets: np.ndarray, tokens: np.ndarray) -> None:
+        """Append documents in order; ``domains[i]`` owns ``tokens[offsets[i]:offsets[i+1]]``."""
+        import torch
+
+        if self._closed:
+            raise RuntimeError("ShardWriter is closed")
+        bounds = offsets.tolist()
+        tensor = torch.from_numpy(tokens)
+        for i, domain in enumerate(domains):
+            builder = self._builders.get(domain)
+            if builder is None:
+                builder = self._open(domain)
+            start, end = bounds[i], bounds[i + 1]
+            builder.add_document(tensor[start:end], [end - start])
+            stats = self.stats[domain]
+            stats.documents += 1
+            stats.tokens += end - start
+
+    def commit(self) -> List[DomainStats]:
+        """Write every index and rename the shards to their final names; sorted by domain name."""
+        self._closed = True
+        for domain, builder in self._builders.items():
+            prefix = self.stats[domain].prefix
+            builder.finalize(self._path(prefix, ".idx" + PARTIAL))
+        for domain in self._builders:
+            prefix = self.stats[domain].prefix
+            for ext in (".bin", ".idx"):
+                os.replace(self._path(prefix, ext + PARTIAL), self._path(prefix, ext))
+        self._builders.clear()
+        return [self.stats[d] for d in sorted(self.stats)]
+
+    def abort(self) -> None:
+        """Close and delete the partial files (after an error or an interrupt)."""
+        self._closed = True
+        for domain, builder in self._builders.items():
+            try:
+                builder.data_file.close()
+            except Exception:  # best effort: we are already failing
+                pass
+            prefix = self.stats[domain].prefix
+            for ext in (".bin", ".idx"):
+                try:
+                    os.remove(self._path(prefix, ext + PARTIAL))
+                except OSError:
+                    pass
+        self._builders.clear()

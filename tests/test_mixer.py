@@ -1,0 +1,163 @@
+"""The online mixer: lag, cursors (no repeats, no skips), resume, prefetch guard, errors."""
+import numpy as np
+import pytest
+import torch
+
+from core_fixtures import EOD, VOCAB_SIZE, make_domains
+from mixer_helpers import make_mixer, synthetic_loss, train_synthetic
+from odm_megatron.dataset import OnlineBlendedDataset, TokenizerSpec, build_domain_datasets, make_gpt_dataset_config
+from odm_megatron.mixer import PrefetchTooDeepError
+from odm_megatron.sampler import OnlineMixingBatchSampler
+from odm_megatron.state import BanditState, BanditStateError
+
+
+def test_weights_take_effect_after_the_lag():
+    script = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+    mixer = make_mixer([100, 100, 100], policy="test-scripted", interval=3, lag=2, script=script)
+    out = train_synthetic(mixer, range(0, 14), micro_batch_size=4)
+    # update u happens after step 3u-1 and is in force from step 3u + 2
+    for step, (domains, _) in enumerate(out["global"]):
+        if step < 5:
+            continue  # the uniform prior
+        expected = 0 if step < 8 else 1 if step < 11 else 2
+        assert set(domains.tolist()) == {expected}, step
+    assert len(set(out["global"][0][0].tolist())) > 1
+
+
+def test_no_repeat_or_skip_within_a_domain_under_extreme_weights(tmp_path):
+    prefixes = make_domains(str(tmp_path), [6, 3, 9])
+    config = make_gpt_dataset_config(seed=5, seq_length=16, tokenizer=TokenizerSpec(VOCAB_SIZE, EOD),
+                                     path_to_cache=str(tmp_path / "cache"))
+    dataset = OnlineBlendedDataset(build_domain_datasets(prefixes, config), seed=5)
+    n = dataset.num_samples_per_domain
+    e = 1e-6
+    script = [[1 - 2 * e, e, e], [e, 1 - 2 * e, e], [e, e, 1 - 2 * e], [1 / 3, 1 / 3, 1 / 3]] * 3
+    mixer = make_mixer(n.tolist(), policy="test-scripted", gbs=8, interval=4, lag=1, seed=5, script=script)
+    out = train_synthetic(mixer, range(0, 60), micro_batch_size=8)
+    served = {d: [] for d in range(3)}
+    for keys in out["keys"]:
+        for dataset_id, position in keys:
+            served[dataset_id].append((position, dataset.sample_index(dataset_id, position)))
+            item = dataset[(dataset_id, position)]
+            assert item["dataset_id"] == dataset_id
+    for d, pairs in served.items():
+        positions = [p for p, _ in pairs]
+        assert positions == list(range(len(positions))), "cursor skipped or repeated a position"
+        assert len(positions) > 2 * n[d], "test should cross several epochs of every domain"
+        indices = [i for _, i in pairs]
+        for start in range(0, len(indices) - n[d] + 1, n[d]):
+            assert sorted(indices[start:start + n[d]]) == list(range(n[d])), f"domain {d} epoch at {start}"
+        partial = indices[len(indices) - len(indices) % n[d]:]
+        assert len(set(partial)) == len(partial)
+    np.testing.assert_array_equal(mixer.cursors, [len(served[d]) for d in range(3)])
+
+
+@pytest.mark.parametrize("policy", ["odm-exp3", "smoothed-mean"])
+@pytest.mark.parametrize("save_at", [7, 8])  # mid-window and at a window boundary
+def test_save_load_continue_is_identical(tmp_path, policy, save_at):
+    sizes = [13, 5, 40, 9]
+    reference = train_synthetic(make_mixer(sizes, policy=policy, interval=3, lag=2), range(0, 30), micro_batch_size=2)
+
+    first = make_mixer(sizes, policy=policy, interval=3, lag=2)
+    head = train_synthetic(first, range(0, 30), micro_batch_size=2, stop_before=save_at)
+    first.save(str(tmp_path / "bandit.json"))
+    state_dict = first.state_dict()
+
+    resumed = make_mixer(sizes, policy=policy, interval=3, lag=2)
+    resumed.load(str(tmp_path / "bandit.json"))
+    tail = train_synthetic(resumed, range(save_at, 30), micro_batch_size=2)
+    via_dict = make_mixer(sizes, policy=policy, interval=3, lag=2)
+    via_dict.load_state_dict(state_dict)
+    tail2 = train_synthetic(via_dict, range(save_at, 30), micro_batch_size=2)
+
+    for run in (tail, tail2):
+        assert len(head["global"]) + len(run["global"]) == 30
+        for (d1, p1), (d2, p2) in zip(reference["global"], head["global"] + run["global"]):
+            np.testing.assert_array_equal(d1, d2)
+            np.testing.assert_array_equal(p1, p2)
+        for w1, w2 in zip(reference["weights"], head["weights"] + run["weights"]):
+            np.testing.assert_array_equal(w1, w2)
+        recs = head["records"] + run["records"]
+        assert len(recs) == len(reference["records"]) == 10
+        for a, b in zip(reference["records"], recs):
+            assert a[0] == b[0]
+            for x, y in zip(a[1:], b[1:]):
+                np.testing.assert_array_equal(x, y)
+    assert not np.allclose(reference["weights"][-1], 0.25), "the policy should have moved"
+
+
+def test_loading_a_state_from_another_run_names_the_difference(tmp_path):
+    mixer = make_mixer([10, 10, 10], names=["web", "code", "books"])
+    train_synthetic(mixer, range(0, 4), micro_batch_size=4)
+    state = mixer.state_dict()
+    with pytest.raises(BanditStateError, match=r"not in this run: \['books'\]"):
+        make_mixer([10, 10, 10], names=["web", "code", "math"]).load_state_dict(state)
+    with pytest.raises(BanditStateError, match="seed 11, this run uses seed 12"):
+        make_mixer([10, 10, 10], names=["web", "code", "books"], seed=12).load_state_dict(state)
+    with pytest.raises(BanditStateError, match="code: state 10, run 11"):
+        make_mixer([10, 11, 10], names=["web", "code", "books"]).load_state_dict(state)
+    with pytest.raises(BanditStateError, match="global batch size 8, this run uses 16"):
+        make_mixer([10, 10, 10], names=["web", "code", "books"], gbs=16).load_state_dict(state)
+    with pytest.raises(BanditStateError, match="policy 'odm-exp3', this run uses 'static'"):
+        make_mixer([10, 10, 10], names=["web", "code", "books"], policy="static").load_state_dict(state)
+    (tmp_path / "junk.json").write_text("{not json")
+    with pytest.raises(BanditStateError, match="not a valid bandit state"):
+        BanditState.load(str(tmp_path / "junk.json"))
+
+
+def test_prefetch_deeper_than_lag_fails_clearly(tmp_path):
+    prefixes = make_domains(str(tmp_path), [6, 6])
+    config = make_gpt_dataset_config(seed=1, seq_length=16, tokenizer=TokenizerSpec(VOCAB_SIZE, EOD),
+                                     path_to_cache=str(tmp_path / "cache"))
+    dataset = OnlineBlendedDataset(build_domain_datasets(prefixes, config), seed=1)
+
+    def run(lag, num_workers):
+        mixer = make_mixer(dataset.num_samples_per_domain.tolist(), gbs=4, interval=2, lag=lag, seed=1)
+        sampler = OnlineMixingBatchSampler(mixer, 12 * 4, 0, micro_batch_size=4, data_parallel_rank=0,
+                                           data_parallel_size=1)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                                             prefetch_factor=2 if num_workers else None)
+        tokens = []
+        for step, batch in enumerate(loader):
+            tokens.append(batch["tokens"])
+            keys = list(zip(batch["dataset_id"].tolist(), [0] * 4))
+            loss, mask, ids = synthetic_loss(keys)
+            mixer.accumulate(loss[:, :8], mask[:, :8], batch["dataset_id"])
+            mixer.step_end(step)
+        return torch.stack(tokens), mixer
+
+    with pytest.raises(ValueError, match="use --odm-lag 4"):
+        make_mixer([6, 6], lag=1).validate_prefetch(num_workers=2, prefetch_factor=2, num_microbatches=1)
+    make_mixer([6, 6], lag=4).validate_prefetch(num_workers=2, prefetch_factor=2, num_microbatches=1)
+    make_mixer([6, 6], lag=1).validate_prefetch(num_workers=2, prefetch_factor=2, num_microbatches=4)
+    with pytest.raises(PrefetchTooDeepError, match="Prefetching deeper than the lag"):
+        run(lag=1, num_workers=2)
+    serial, _ = run(lag=4, num_workers=0)
+    prefetched, _ = run(lag=4, num_workers=2)
+    assert torch.equal(serial, prefetched)
+
+
+def test_ranks_micro_batches_partition_the_global_batch():
+    world = 4
+    mixers = [make_mixer([30, 7, 50], gbs=16) for _ in range(world)]
+    outs = [train_synthetic(m, range(0, 6), micro_batch_size=2, rank=r, world_size=world) for r, m in enumerate(mixers)]
+    for step in range(6):
+        domains, positions = outs[0]["global"][step]
+        per_rank = [out["keys"][step * 2:(step + 1) * 2] for out in outs]  # 2 micro-batches per step
+        rebuilt = []
+        for m in range(2):
+            for r in range(world):
+                rebuilt.extend(per_rank[r][m])
+        assert rebuilt == list(zip(domains.tolist(), positions.tolist()))
+
+
+def test_sampler_rejects_bad_layouts():
+    mixer = make_mixer([5, 5], gbs=8)
+    with pytest.raises(ValueError, match="not divisible by micro batch size 3"):
+        OnlineMixingBatchSampler(mixer, 80, 0, micro_batch_size=3, data_parallel_rank=0, data_parallel_size=1)
+    with pytest.raises(ValueError, match="not a multiple of the global batch size"):
+        OnlineMixingBatchSampler(mixer, 80, 4, micro_batch_size=2, data_parallel_rank=0, data_parallel_size=2)
+    with pytest.raises(ValueError, match="out of order"):
+        mixer.global_batch(3)
+    with pytest.raises(ValueError, match="out of order"):
+        mixer.step_end(2)
