@@ -72,3 +72,26 @@ def test_only_contributing_ranks_count():
     results = run_distributed(_reducer_worker, 3)
     for r in results:
         np.testing.assert_array_equal(r, np.full((3, 4), 1 + 3))
+
+
+def _tp_pp_worker(rank, world_size):
+    from megatron.core import parallel_state as ps
+
+    ps.initialize_model_parallel(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)
+    try:
+        reducer = FeedbackReducer()  # decides from megatron-core's parallel state
+        totals = reducer.all_reduce(torch.full((3, 2), 10 ** rank, dtype=torch.int64))
+        return ps.get_tensor_model_parallel_rank(), ps.is_pipeline_last_stage(), reducer.contributes, totals
+    finally:
+        ps.destroy_model_parallel()
+
+
+def test_tensor_and_pipeline_parallel_contributors():
+    """TP=2 x PP=2 on 4 ranks: only TP rank 0 of the last stage counts; every stage gets the totals."""
+    results = run_distributed(_tp_pp_worker, 4)
+    contributors = [rank for rank, (tp, last, contributes, _) in enumerate(results) if contributes]
+    assert len(contributors) == 1
+    tp, last, _, _ = results[contributors[0]]
+    assert tp == 0 and last
+    for _, _, _, totals in results:
+        np.testing.assert_array_equal(totals, np.full((3, 2), 10 ** contributors[0]))
