@@ -21,6 +21,9 @@ import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
 
+_CREATED_PROCESS_GROUP = False
+_CREATED_MODEL_PARALLEL = False
+
 
 @dataclass
 class ParallelEnv:
@@ -46,12 +49,6 @@ class ParallelEnv:
     @property
     def is_last_stage(self) -> bool:
         return self.pp_rank == self.pp_size - 1
-
-    @property
-    def is_logging_rank(self) -> bool:
-        """The rank that writes logs: global rank 0 for everything except losses, which live on the
-        last pipeline stage (see :func:`last_stage_logging_rank`)."""
-        return self.rank == 0
 
 
 def _free_port() -> int:
@@ -80,7 +77,9 @@ def setup_parallel(tensor_parallel_size: int = 1, pipeline_parallel_size: int = 
     else:
         device = torch.device("cpu")
 
+    global _CREATED_PROCESS_GROUP, _CREATED_MODEL_PARALLEL
     if not dist.is_initialized():
+        _CREATED_PROCESS_GROUP = True
         if "MASTER_ADDR" not in os.environ:
             os.environ["MASTER_ADDR"] = "127.0.0.1"
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -94,6 +93,7 @@ def setup_parallel(tensor_parallel_size: int = 1, pipeline_parallel_size: int = 
     from megatron.core import parallel_state as ps
 
     if not ps.model_parallel_is_initialized():
+        _CREATED_MODEL_PARALLEL = True
         ps.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel_size,
                                      pipeline_model_parallel_size=pipeline_parallel_size)
     env = ParallelEnv(
@@ -144,12 +144,17 @@ def all_reduce_sum(tensor: torch.Tensor, group: Optional[dist.ProcessGroup] = No
 
 
 def teardown() -> None:
-    """Destroy megatron-core's groups and the process group (so tests can run train() twice)."""
-    try:
-        from megatron.core import parallel_state as ps
+    """Destroy the megatron-core groups and the process group that :func:`setup_parallel` created
+    (and only those: a caller that brought its own process group keeps it)."""
+    global _CREATED_PROCESS_GROUP, _CREATED_MODEL_PARALLEL
+    if _CREATED_MODEL_PARALLEL:
+        try:
+            from megatron.core import parallel_state as ps
 
-        ps.destroy_model_parallel()
-    except Exception:  # pragma: no cover - best effort at exit
-        pass
-    if dist.is_available() and dist.is_initialized():
+            ps.destroy_model_parallel()
+        except Exception:  # pragma: no cover - best effort at exit
+            pass
+        _CREATED_MODEL_PARALLEL = False
+    if _CREATED_PROCESS_GROUP and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _CREATED_PROCESS_GROUP = False

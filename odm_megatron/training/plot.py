@@ -1,0 +1,148 @@
+"""``odm-megatron plot``: mixing weights and per-domain validation perplexity from log dirs.
+
+One column per run (log dir): on top the sampling weights over training steps as stacked areas
+(weights decided by an update are drawn from the step they take effect), below each domain's
+validation perplexity and the unweighted average. A domain keeps its colour in every column, so
+runs with different policies can be compared side by side.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Dict, List, Optional, Sequence
+
+logger = logging.getLogger(__name__)
+
+
+class PlotError(ValueError):
+    pass
+
+
+def _read_jsonl(path: str) -> List[dict]:
+    rows = []
+    if not os.path.isfile(path):
+        return rows
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a torn last line of a killed run
+    return rows
+
+
+def run_label(log_dir: str) -> str:
+    """A readable name for a run: the log dir's name, or its parent's when it is called 'logs'."""
+    path = os.path.normpath(os.path.abspath(log_dir))
+    name = os.path.basename(path)
+    return os.path.basename(os.path.dirname(path)) if name in ("logs", "log") else name
+
+
+def load_run(log_dir: str) -> Dict[str, object]:
+    mixture = _read_jsonl(os.path.join(log_dir, "mixture.jsonl"))
+    evals = _read_jsonl(os.path.join(log_dir, "eval.jsonl"))
+    if not mixture and not evals:
+        raise PlotError(f"{log_dir}: no mixture.jsonl or eval.jsonl (is it an `odm-megatron train --log-dir`?)")
+    domains: List[str] = []
+    for row in mixture:
+        for name in row.get("weights", {}):
+            if name not in domains:
+                domains.append(name)
+    for row in evals:
+        for name in row.get("domains", {}):
+            if name not in domains:
+                domains.append(name)
+    train = _read_jsonl(os.path.join(log_dir, "train.jsonl"))
+    steps = [int(r["step"]) for r in train + mixture + evals if "step" in r]
+    return {"label": run_label(log_dir), "mixture": mixture, "eval": evals, "domains": domains,
+            "last_step": max(steps) if steps else 1}
+
+
+def plot_runs(log_dirs: Sequence[str], output: str, title: Optional[str] = None) -> str:
+    """Write the comparison PNG for ``log_dirs`` to ``output``; returns the path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from matplotlib.ticker import FuncFormatter
+
+    runs = [load_run(d) for d in log_dirs]
+    all_domains: List[str] = []
+    for run in runs:
+        all_domains += [d for d in run["domains"] if d not in all_domains]
+    cmap = plt.get_cmap("tab10" if len(all_domains) <= 10 else "tab20")
+    colours = {name: cmap(i % cmap.N) for i, name in enumerate(all_domains)}
+
+    n = len(runs)
+    fig, axes = plt.subplots(2, n, figsize=(5.5 * n + 1.5, 7.5), squeeze=False, sharex="col")
+    for col, run in enumerate(runs):
+        ax_w, ax_p = axes[0][col], axes[1][col]
+        domains = run["domains"]
+        last_step = run["last_step"]
+        mixture = sorted(run["mixture"], key=lambda r: r.get("effective_step", r["step"]))
+        # Updates at the very end take effect after the run's last step: nothing was sampled with them.
+        mixture = [r for r in mixture if int(r.get("effective_step", r["step"])) <= max(1, last_step)]
+        if mixture:
+            xs = [max(1, int(r.get("effective_step", r["step"]))) for r in mixture]
+            xs.append(max(last_step, xs[-1]))  # extend the last weights to the end of the run
+            ys = [[float(r["weights"].get(d, 0.0)) for r in mixture] for d in domains]
+            ys = [y + [y[-1]] for y in ys]
+            ax_w.stackplot(xs, ys, labels=domains, colors=[colours[d] for d in domains], step="post", alpha=0.9)
+            ax_w.set_ylim(0, 1)
+            ax_w.set_xlim(xs[0], xs[-1])
+        else:
+            ax_w.text(0.5, 0.5, "no mixture.jsonl", ha="center", va="center", transform=ax_w.transAxes)
+        ax_w.set_title(run["label"])
+        ax_w.set_ylabel("sampling weight")
+
+        if run["eval"]:
+            steps = [int(e["step"]) for e in run["eval"]]
+            for d in domains:
+                ppl = [e["domains"].get(d, {}).get("ppl", float("nan")) for e in run["eval"]]
+                ax_p.plot(steps, ppl, marker="o", ms=3, color=colours[d], label=d)
+            avg = [e.get("average", {}).get("ppl", float("nan")) for e in run["eval"]]
+            ax_p.plot(steps, avg, color="black", ls="--", lw=1.5, label="average")
+            ax_p.set_yscale("log")
+            ax_p.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax_p.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        else:
+            ax_p.text(0.5, 0.5, "no eval.jsonl", ha="center", va="center", transform=ax_p.transAxes)
+        ax_p.set_xlabel("step")
+        ax_p.set_ylabel("validation perplexity")
+        ax_p.grid(True, alpha=0.3, which="both")
+
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colours[d]) for d in all_domains]
+    fig.legend(handles, all_domains, loc="center right", title="domain", frameon=False)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0, 1 - 1.4 / (5.5 * n + 1.5), 1))
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    fig.savefig(output, dpi=110)
+    plt.close(fig)
+    return output
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("log_dirs", nargs="+", metavar="LOG_DIR", help="--log-dir of one or more training runs")
+    parser.add_argument("--output", "-o", default=None,
+                        help="PNG path (default: LOG_DIR/odm_plot.png for one run, ./odm_plot.png for several)")
+    parser.add_argument("--title", default=None)
+
+
+def main(args: argparse.Namespace) -> int:
+    output = args.output or (os.path.join(args.log_dirs[0], "odm_plot.png") if len(args.log_dirs) == 1
+                             else "odm_plot.png")
+    try:
+        path = plot_runs(args.log_dirs, output, title=args.title)
+    except PlotError as e:
+        print(f"odm-megatron plot: error: {e}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
