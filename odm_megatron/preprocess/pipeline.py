@@ -21,6 +21,7 @@ from odm_megatron.preprocess.domains import DomainError, DomainKey
 from odm_megatron.preprocess.readers import Chunk, InputError, StreamProblem, check_input, iter_chunks
 from odm_megatron.preprocess.skips import REASONS, SkipRecord, StrictModeError
 from odm_megatron.preprocess.worker import ChunkProcessor, ChunkResult, WorkerConfig, init_worker, process_chunk
+from odm_megatron.preprocess.writer import OutputDirError, ShardWriter, prepare_output_dir, shard_dtype
 from odm_megatron.tokenizer import TokenizerError, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ class PreprocessError(ValueError):
 
 
 # Errors that reach the user as one line (exit code 2 from the CLI).
-USER_ERRORS = (PreprocessError, InputError, TokenizerError, DomainError, StrictModeError)
+USER_ERRORS = (PreprocessError, InputError, TokenizerError, DomainError, StrictModeError, OutputDirError)
 
 
 @dataclass
@@ -50,7 +51,7 @@ class PreprocessConfig:
     overwrite: bool = False
     chunk_bytes: int = 1 << 20
     progress: Optional[bool] = None  # None: a bar only when stderr is a terminal
-    start_method: Optional[str] = None  # None: forkserver where available, else spawn
+    start_method: Optional[str] = None  # None: fork where available, else spawn
 
     def __post_init__(self) -> None:
         if not self.inputs:
@@ -103,11 +104,10 @@ def run_preprocess(config: PreprocessConfig) -> PreprocessResult:
     started = time.perf_counter()
     inputs = [InputStats(os.path.abspath(p), check_input(p)) for p in config.inputs]
     tokenizer = load_tokenizer(config.tokenizer_model)
-    # Workers start before megatron-core (and torch) are imported here: they need neither.
+    # Workers start before megatron-core (and torch) are imported (by shard_dtype): they need neither.
     pool = _start_pool(config, tokenizer) if config.workers > 1 else None
     try:
         from odm_megatron.preprocess.manifest_writer import build_manifest, write_manifest
-        from odm_megatron.preprocess.writer import ShardWriter, prepare_output_dir, shard_dtype
 
         dtype = shard_dtype(tokenizer.vocab_size)
         prepare_output_dir(config.output_dir, config.overwrite)
@@ -221,7 +221,10 @@ def _resolve(entry: Tuple[Any, Any]) -> Item:
 def _start_pool(config: PreprocessConfig, tokenizer: Any) -> Any:
     method = config.start_method
     if method is None:
-        method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+        # fork: workers start in milliseconds and never re-import the caller's __main__ (so a
+        # script without a main guard, or stdin, works). The pool is started before torch and
+        # megatron-core are imported here, and workers use neither.
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     ctx = multiprocessing.get_context(method)
     # The shard dtype by megatron-core's rule, without importing it yet; should the rule ever
     # differ, IndexedDatasetBuilder casts to its own dtype, so the shards stay right.

@@ -107,18 +107,23 @@ def iter_chunks(
             if block is None:
                 break
             pending += block
-            if len(pending) >= chunk_bytes:
-                cut = pending.rfind(b"\n") + 1
-                if cut:
-                    data = bytes(pending[:cut])
-                    del pending[:cut]
-                    count = data.count(b"\n")
-                    yield Chunk(file_index, next_line, count, data, raw.tell())
-                    next_line += count
+            start = 0
+            while len(pending) - start >= chunk_bytes:
+                # whole lines, about chunk_bytes of them (one longer line is kept whole)
+                cut = pending.rfind(b"\n", start, start + chunk_bytes) + 1 or pending.find(b"\n", start) + 1
+                if not cut:
+                    break
+                data = bytes(pending[start:cut])
+                count = data.count(b"\n")
+                yield Chunk(file_index, next_line, count, data, raw.tell())
+                next_line += count
+                start = cut
+            del pending[:start]
         position = raw.tell()
     if problem is None:
-        if pending:  # a last line without a newline
-            yield Chunk(file_index, next_line, 1, bytes(pending), position)
+        if pending:  # the rest, perhaps with a last line that has no newline
+            count = pending.count(b"\n") + (not pending.endswith(b"\n"))
+            yield Chunk(file_index, next_line, count, bytes(pending), position)
         return
     # Whole lines before the break are fine; a partial last line is part of the damage.
     cut = pending.rfind(b"\n") + 1

@@ -74,15 +74,24 @@ class ChunkProcessor:
 
 
 _PROCESSOR: Optional[ChunkProcessor] = None
+_INIT_ERROR: Optional[BaseException] = None
 
 
 def init_worker(config: WorkerConfig) -> None:
-    """Pool initializer: load the tokenizer once per process; Ctrl-C is the parent's to handle."""
-    global _PROCESSOR
+    """Pool initializer: load the tokenizer once per process; Ctrl-C is the parent's to handle.
+
+    A failure is kept and raised by the first task: an initializer that raises makes
+    ``multiprocessing.Pool`` restart the worker forever instead of reporting it.
+    """
+    global _PROCESSOR, _INIT_ERROR
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _PROCESSOR = ChunkProcessor(config)
+    try:
+        _PROCESSOR = ChunkProcessor(config)
+    except Exception as e:  # reported by process_chunk, in the parent
+        _INIT_ERROR = e
 
 
 def process_chunk(job: Tuple[int, int, int, bytes]) -> ChunkResult:
-    assert _PROCESSOR is not None, "init_worker was not called in this process"
+    if _PROCESSOR is None:
+        raise _INIT_ERROR or RuntimeError("init_worker was not called in this worker process")
     return _PROCESSOR(job)
