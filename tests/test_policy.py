@@ -82,7 +82,7 @@ def test_static_is_the_prior():
         np.testing.assert_allclose(p.update(np.array([9.0, 1.0, 1.0]), np.array([1, 1, 1])), prior, rtol=1e-15)
 
 
-@pytest.mark.parametrize("name", ["odm-exp3", "smoothed-mean", "static"])
+@pytest.mark.parametrize("name", ["odm-exp3", "smoothed-mean", "odm-progress", "static"])
 @pytest.mark.parametrize("k", [1, 3, 2000])
 @pytest.mark.parametrize("scale", [1e-3, 1.0, 1e6])
 def test_weights_always_a_distribution(name, k, scale):
@@ -133,3 +133,35 @@ def test_bad_arguments_are_clear():
     with pytest.raises(ValueError, match="is for 'odm-exp3'"):
         make_policy("static", prior=np.ones(2) / 2).load_state_dict(
             make_policy("odm-exp3", prior=np.ones(2) / 2).state_dict())
+
+
+def test_progress_matches_hand_computation():
+    k, a, eta = 3, 0.5, 0.1
+    p = make_policy("odm-progress", prior=np.array([0.5, 0.3, 0.2]), alpha=a, eta=eta)
+    p.update(np.array([4.0, 6.0, 5.0]), np.array([1, 1, 1]))  # first sight: EMA = loss
+    np.testing.assert_allclose(p.weights(), [1 / 3] * 3)  # eps_1 = 1/K: uniform
+    probs = [0.5, 0.25, 0.25]
+    losses = [3.0, 5.0, 5.0]
+    ema = [a * e + (1 - a) * l for e, l in zip([4.0, 6.0, 5.0], losses)]  # [3.5, 5.5, 5.0]
+    per_share = [(b - e) / q for b, e, q in zip([4.0, 6.0, 5.0], ema, probs)]  # [1, 2, 0]
+    top = max(ema)
+    m = [g * math.exp(e - top) for g, e in zip(per_share, ema)]
+    ratio = [min(max(x / (sum(abs(y) for y in m) / k), 0.0), 3.0) for x in m]
+    logw = [eta * (r - 1) for r in ratio]
+    logw = [x - max(logw) for x in logw]
+    w = p.update(np.array(losses), np.array([1, 1, 1]), sampling_probs=np.array(probs))
+    e2 = eps(k, 2)
+    z = [math.exp(x) for x in logw]
+    np.testing.assert_allclose(w, [(1 - k * e2) * zi / sum(z) + e2 for zi in z], rtol=1e-12)
+    np.testing.assert_allclose(p.log_weights, logw, rtol=1e-12)
+    lw = p.log_weights
+    assert lw[1] > lw[0] > lw[2]  # fastest progress per share (weighted by ppl) gains most
+
+
+def test_progress_moves_weight_to_the_domain_that_keeps_improving():
+    p = make_policy("odm-progress", prior=np.full(3, 1 / 3), eta=0.05)
+    for t in range(400):
+        improving = 6.0 - 2.0 * (1 - math.exp(-t / 200))
+        p.update(np.array([3.0, improving, 5.0]), np.array([1, 1, 1]))
+    w = p.weights()
+    assert w[1] > 0.5 and w[1] > 2 * max(w[0], w[2])
