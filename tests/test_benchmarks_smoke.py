@@ -1,0 +1,40 @@
+"""The benchmark scripts run end to end (tiny sizes) and write the documented keys.
+
+Timing values are never checked: they depend on the machine and its load.
+"""
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run_benchmark(script, *args, timeout=600):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONWARNINGS"] = "ignore"
+    return subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", script), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_overhead_smoke(tmp_path):
+    out = tmp_path / "overhead"
+    proc = _run_benchmark("overhead.py", "--smoke", "--output", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "overhead.json").read_text(encoding="utf-8"))
+    assert (out / "overhead.md").read_text(encoding="utf-8").startswith("# What does online mixing cost?")
+
+    assert report["mode"] == "smoke"
+    assert isinstance(report["data_path_ratio"], float)
+    for key in ("update_cost_fraction", "accumulate_cost_fraction", "update_cost_fraction_amortized"):
+        assert set(report[key]) == {"22", "1000"}, key
+        assert all(isinstance(v, float) for v in report[key].values()), key
+    assert set(report["index_memory_bytes"]) == {"online", "blended"}
+    assert all(isinstance(v, int) and v > 0 for v in report["index_memory_bytes"].values())
+    assert set(report["index_build_seconds"]) == {"online", "blended"}
+    assert {"nproc", "cpu_model", "torch"} <= set(report["machine"])
+    assert {"start", "end"} <= set(report["load_average"])
+    assert report["date"] and report["command"].startswith("python benchmarks/overhead.py")
+    assert {"data_path", "model", "feedback", "blended_index", "online_index"} <= set(report["raw"])
+    assert "one_b_estimate" in report and "targets" in report
