@@ -27,7 +27,6 @@ import argparse
 import datetime
 import gc
 import json
-import math
 import os
 import platform
 import shlex
