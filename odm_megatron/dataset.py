@@ -168,6 +168,7 @@ class OnlineBlendedDataset(torch.utils.data.Dataset):
         if len(self.domain_names) != len(self.datasets):
             raise ValueError(f"{len(self.datasets)} datasets but {len(self.domain_names)} domain names")
         self.num_samples_per_domain = np.array([len(d) for d in self.datasets], dtype=np.int64)
+        self._epoch_sizes = self.num_samples_per_domain.tolist()  # plain ints: the per-sample fast path
         # Per worker: the permutation of the epoch each domain is in (one epoch per domain).
         self._epoch_orders: Dict[int, Tuple[int, np.ndarray]] = {}
 
@@ -177,10 +178,10 @@ class OnlineBlendedDataset(torch.utils.data.Dataset):
 
     def sample_index(self, dataset_id: int, position: int) -> int:
         """The index into domain ``dataset_id``'s GPTDataset of its ``position``-th sample."""
-        n = int(self.num_samples_per_domain[dataset_id])
-        epoch, offset = divmod(int(position), n)
-        if epoch == 0:
-            return offset
+        n = self._epoch_sizes[dataset_id]
+        if position < n:  # first epoch: megatron-core's own shuffled order
+            return position
+        epoch, offset = divmod(position, n)
         cached = self._epoch_orders.get(dataset_id)
         if cached is None or cached[0] != epoch:
             cached = (epoch, epoch_permutation(self.seed, dataset_id, epoch, n))
@@ -188,7 +189,6 @@ class OnlineBlendedDataset(torch.utils.data.Dataset):
         return int(cached[1][offset])
 
     def __getitem__(self, key: SampleKey) -> Dict[str, torch.Tensor]:
-        dataset_id, position = key
-        dataset_id = int(dataset_id)
+        dataset_id, position = int(key[0]), int(key[1])
         sample = self.datasets[dataset_id][self.sample_index(dataset_id, position)]
         return {"dataset_id": dataset_id, **sample}

@@ -60,11 +60,16 @@ def assign_domains(seed: int, first_sample: int, count: int, weights: np.ndarray
 
 
 def epoch_permutation(seed: int, dataset_id: int, epoch: int, num_samples: int) -> np.ndarray:
-    """The order of a domain's samples in its ``epoch`` (>= 1); epoch 0 is the identity."""
+    """The order of a domain's samples in its ``epoch`` (>= 1); epoch 0 is the identity.
+
+    Stored in the smallest unsigned dtype that holds the indices (uint32 below 2**32 samples):
+    each DataLoader worker keeps one such array per domain past its first epoch.
+    """
+    dtype = np.uint32 if num_samples <= np.iinfo(np.uint32).max else np.uint64
     if epoch == 0:
-        return np.arange(num_samples, dtype=np.int64)
+        return np.arange(num_samples, dtype=dtype)
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, dataset_id, epoch])))
-    return rng.permutation(num_samples).astype(np.int64)
+    return rng.permutation(num_samples).astype(dtype)
 
 
 def advance_cursors(cursors: np.ndarray, domains: np.ndarray) -> np.ndarray:
