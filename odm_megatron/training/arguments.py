@@ -12,7 +12,9 @@ import argparse
 import os
 from typing import List, Optional
 
-POLICY_CHOICES = ("odm-exp3", "smoothed-mean", "static")
+from odm_megatron.policy import POLICIES
+
+POLICY_CHOICES = tuple(POLICIES)
 
 
 class ConfigError(ValueError):
@@ -111,6 +113,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--update-interval", type=_positive_int, default=1, help="optimizer steps per policy update")
     g.add_argument("--odm-alpha", type=float, default=None,
                    help="smoothing of the policy (default: the policy's own, 0.9 for odm-exp3)")
+    g.add_argument("--odm-eta", type=float, default=None,
+                   help="step size of odm-progress's exponentiated-gradient update (default 0.05)")
     g.add_argument("--odm-warmup-updates", type=_non_negative_int, default=0,
                    help="policy updates that observe but keep the prior")
     g.add_argument("--odm-lag", type=_positive_int, default=2,

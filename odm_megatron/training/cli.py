@@ -39,21 +39,9 @@ def format_summary_table(summary) -> str:
     return "\n".join(lines)
 
 
-def _quiet_logging() -> None:
-    """megatron-core logs every dataset index it builds at INFO; keep the console readable, and
-    let only rank 0 of a multi-process job speak below WARNING."""
-    import os
-
-    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
-        logging.getLogger("megatron").setLevel(logging.WARNING)
-    if os.environ.get("RANK", "0") != "0":
-        logging.getLogger().setLevel(max(logging.WARNING, logging.getLogger().getEffectiveLevel()))
-
-
 def main(args: argparse.Namespace) -> int:
     from odm_megatron.manifest import ManifestError
 
-    _quiet_logging()
 
     try:
         validate_args(args)

@@ -115,4 +115,6 @@ def gpt_forward(model: torch.nn.Module, batch: dict, bf16: bool) -> torch.Tensor
     with autocast:
         output = model(batch.get("tokens"), batch.get("position_ids"), batch.get("attention_mask"),
                        labels=batch.get("labels"))
-    return output.float() if output.dtype != torch.float32 and output.dim() == 2 else output
+    # fp32 out of the autocast region: the loss for the mixer, hidden states for the pipeline p2p
+    # (whose buffers are allocated in config.pipeline_dtype = fp32).
+    return output.float() if output.dtype != torch.float32 else output

@@ -8,6 +8,7 @@ the mixer lives in :mod:`odm_megatron.distributed`; this module only builds the 
 from __future__ import annotations
 
 import datetime
+import inspect
 import logging
 import os
 import random
@@ -85,8 +86,8 @@ def setup_parallel(tensor_parallel_size: int = 1, pipeline_parallel_size: int = 
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
         os.environ.setdefault("MASTER_PORT", "29500")
         kwargs = {}
-        if backend == "nccl":
-            kwargs["device_id"] = device
+        if backend == "nccl" and "device_id" in inspect.signature(dist.init_process_group).parameters:
+            kwargs["device_id"] = device  # binds the communicator to this GPU eagerly (torch >= 2.3)
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(minutes=timeout_minutes), **kwargs)
 

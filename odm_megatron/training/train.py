@@ -67,6 +67,8 @@ def _build_mixer(args: argparse.Namespace, names: List[str], prior: np.ndarray, 
         policy_kwargs["warmup_updates"] = args.odm_warmup_updates
         if args.odm_alpha is not None:
             policy_kwargs["alpha"] = args.odm_alpha
+        if getattr(args, "odm_eta", None) is not None:
+            policy_kwargs["eta"] = args.odm_eta
     config = MixerConfig(domain_names=names, seed=args.seed, global_batch_size=args.global_batch_size,
                          update_interval=args.update_interval, lag=args.odm_lag, policy=args.policy,
                          policy_kwargs=policy_kwargs)
@@ -150,9 +152,21 @@ def _global_mean_loss(local_mean: torch.Tensor, env: ParallelEnv) -> float:
     return float(value.item()) / env.dp_size
 
 
+def quiet_logging() -> None:
+    """megatron-core logs every dataset index it builds at INFO; keep the console readable, and
+    let only rank 0 of a multi-process job speak below WARNING."""
+    import os
+
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        logging.getLogger("megatron").setLevel(logging.WARNING)
+    if os.environ.get("RANK", "0") != "0":
+        logging.getLogger().setLevel(max(logging.WARNING, logging.getLogger().getEffectiveLevel()))
+
+
 def run_training(args: argparse.Namespace) -> TrainSummary:
     """Train as the (validated) args say. Collective over the launched processes."""
     start_time = time.time()
+    quiet_logging()
     # Manifests and prior first: they only read files, so their errors come before any process group.
     sources = resolve_sources(args)
     prior = resolve_prior(args.prior, sources.domain_names, sources.train.natural_weights)
@@ -198,8 +212,8 @@ def run_training(args: argparse.Namespace) -> TrainSummary:
     last_saved: Optional[int] = None
     evaluated_at: Optional[int] = None
     if log_rank:
-        logger.info("training %s for %d steps from step %d: %d domains, policy %s, global batch %d x %d tokens "
-                    "(%d micro-batches x %d x DP %d)", "GPTModel", args.train_iters, iteration, len(names),
+        logger.info("training for %d steps from step %d: %d domains, policy %s, global batch %d x %d tokens "
+                    "(%d micro-batches x %d x DP %d)", args.train_iters, iteration, len(names),
                     args.policy, args.global_batch_size, args.seq_length, args.num_microbatches,
                     args.micro_batch_size, env.dp_size)
 
