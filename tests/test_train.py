@@ -225,6 +225,7 @@ def test_bad_flags_give_one_line_errors(corpus, capsys, tmp_path):
         (base + ["--save-interval", "2"], "--save-interval needs --save"),
         (base + ["--prior", str(tmp_path / "missing.json")], "--prior"),
         (base + ["--hidden-size", "30"], "not divisible by --num-attention-heads"),
+        (base + ["--bf16"], "--bf16 needs a GPU"),
     ]
     for argv, message in cases:
         rc, err = _cli_error(capsys, argv)
@@ -264,3 +265,19 @@ def test_resume_with_a_different_domain_list_is_refused(reference, tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("odm-megatron train: error: checkpoint") and "domains" in last, last
     assert "Traceback" not in proc.stderr
+
+
+def test_megatron_style_data_path(corpus, tmp_path):
+    """--data-path W1 P1 W2 P2: domain names from the prefixes, the weights are the (static) prior."""
+    train_dir, valid_dir = os.path.dirname(corpus["train"]), os.path.dirname(corpus["valid"])
+    logs = str(tmp_path / "logs")
+    proc = run_cli(["train", "--data-path", "3", os.path.join(train_dir, "counting_text_document"),
+                    "1", os.path.join(train_dir, "noise_text_document"), "--vocab-size", "256", "--eod-id", "0",
+                    "--valid-data-path", os.path.join(valid_dir, "counting_text_document"),
+                    os.path.join(valid_dir, "noise_text_document"),
+                    *TINY_MODEL, "--global-batch-size", "8", "--train-iters", "4", "--policy", "static",
+                    "--eval-interval", "4", "--log-dir", logs])
+    _check(proc, "--data-path run")
+    mixture = read_jsonl(os.path.join(logs, "mixture.jsonl"))
+    assert mixture[-1]["weights"] == {"counting": 0.75, "noise": 0.25}
+    assert set(read_jsonl(os.path.join(logs, "eval.jsonl"))[-1]["domains"]) == {"counting", "noise"}

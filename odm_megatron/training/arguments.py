@@ -199,6 +199,11 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None,
             f"tensor/pipeline model parallelism (TP={tp}, PP={pp}) needs GPUs; on CPU use data parallelism "
             "(torchrun --nproc_per_node N) with TP=PP=1"
         )
+    if args.bf16 and not have_gpu:
+        raise ConfigError(
+            "--bf16 needs a GPU: it autocasts the compute, and megatron-core's linear layers re-enter "
+            "autocast in backward only on CUDA; train in fp32 on CPU"
+        )
     if world_size % (tp * pp) != 0:
         raise ConfigError(
             f"world size {world_size} is not divisible by tensor x pipeline parallel size {tp} x {pp}"
