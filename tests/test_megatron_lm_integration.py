@@ -1,0 +1,291 @@
+"""Unit tests of ``odm_megatron.integrations.megatron_lm`` (the module the Megatron-LM patch
+calls), without Megatron-LM: a fake ``args`` namespace with Megatron's flag names, tiny
+per-domain indexed datasets, and the hooks driven in the order the patched ``pretrain_gpt.py`` /
+``training.py`` call them. (``patches/megatron-lm/cpu_smoke.py`` runs the same against a real,
+patched Megatron-LM checkout.)"""
+import argparse
+import json
+import os
+import re
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from core_fixtures import EOD, VOCAB_SIZE, make_domains
+from odm_megatron.dataset import OnlineBlendedDataset, make_gpt_dataset_config, TokenizerSpec
+from odm_megatron.integrations import megatron_lm as odm_lm
+from odm_megatron.state import BanditStateError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEQ, GBS, MBS = 16, 8, 2
+
+
+@pytest.fixture(autouse=True)
+def fresh_runtime():
+    odm_lm.reset()
+    yield
+    odm_lm.reset()
+
+
+@pytest.fixture(scope="module")
+def prefixes(tmp_path_factory):
+    return make_domains(str(tmp_path_factory.mktemp("domains")), [30, 20, 50], doc_len=40, seed=5)
+
+
+def make_args(prefixes, tmp_path, **overrides):
+    """The Megatron flags the glue reads, with Megatron's names and defaults."""
+    parser = odm_lm.add_odm_args(argparse.ArgumentParser())
+    odm = parser.parse_args(["--odm-policy", "odm-exp3", "--odm-update-interval", "2", "--odm-lag", "2"])
+    data_path = [x for p, w in zip(prefixes, ["0.2", "0.3", "0.5"]) for x in (w, p)]
+    args = SimpleNamespace(
+        seed=11, seq_length=SEQ, global_batch_size=GBS, micro_batch_size=MBS, train_iters=10, train_samples=None,
+        data_path=data_path, train_data_path=None, data_args_path=None, per_split_data_args_path=None,
+        split="100,0,0", data_cache_path=str(tmp_path / "cache"), save=str(tmp_path / "ckpt"), load=None,
+        iteration=0, consumed_train_samples=0, num_workers=0, dataloader_type="single", rampup_batch_size=None,
+        mock_data=False, sft=False, fim_data=False, eod_mask_loss=False, reset_position_ids=False,
+        reset_attention_mask=False, exit_signal_handler=False, **vars(odm),
+    )
+    for k, v in overrides.items():
+        setattr(args, k, v)
+    return args
+
+
+TOKENIZER = SimpleNamespace(vocab_size=VOCAB_SIZE, eod=EOD)
+
+
+class StandIn(torch.nn.Module):
+    """What Megatron's GPTModel returns with labels: per-token losses [b, s]; here a pure
+    function of the tokens, so runs can be compared exactly."""
+
+    def forward(self, tokens):
+        return (tokens.float() % 17) / 4.0 + 1.0
+
+
+def train(args, steps, save_at=None, dp_rank=0, dp_size=1):
+    """The patched Megatron calls, in order: provider, loader, forward/loss per micro-batch,
+    step end, save. Returns the tokens read and the weights of each step."""
+    dataset, mixer = odm_lm.build_odm_train_dataset(args, TOKENIZER)
+    loader = odm_lm.build_odm_dataloader(dataset, args, dp_rank=dp_rank, dp_size=dp_size)
+    it = iter(loader)
+    model = StandIn().train()
+    tokens, weights = [], {}
+    for step in range(args.iteration, steps):
+        for _ in range(GBS // (MBS * dp_size)):
+            tapped = odm_lm.tap(it)
+            batch = next(tapped)
+            loss = model(batch["tokens"])
+            odm_lm.odm_loss_hook(loss, batch["loss_mask"], odm_lm.dataset_id_of(tapped), model)
+            tokens.append(batch["tokens"].tolist())
+        odm_lm.odm_step_end(step)
+        weights[step] = mixer.weights_for_step(step).tolist()
+        if save_at == step + 1:
+            odm_lm.odm_save_state(args, step + 1)
+    return tokens, weights, mixer
+
+
+# -- flags and data ------------------------------------------------------------------------------
+def test_flags_chain_with_another_provider():
+    def other(parser):
+        parser.add_argument("--modelopt-thing", default=1)
+        return parser
+
+    parser = odm_lm.with_odm_args(other)(argparse.ArgumentParser())
+    args = parser.parse_args(["--odm-policy", "smoothed-mean", "--odm-prior", "uniform", "--odm-alpha", "0.5"])
+    assert args.modelopt_thing == 1 and args.odm_policy == "smoothed-mean" and args.odm_alpha == 0.5
+    assert odm_lm.is_enabled(args)
+    assert not odm_lm.is_enabled(parser.parse_args([]))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--odm-policy", "no-such-policy"])
+
+
+def test_train_blend_sources(tmp_path):
+    ns = SimpleNamespace
+    assert odm_lm.train_blend(ns(data_path=["0.3", "a", "0.7", "b"])) == (["a", "b"], [0.3, 0.7], False)
+    assert odm_lm.train_blend(ns(data_path=["a", "b"])) == (["a", "b"], None, False)
+    assert odm_lm.train_blend(ns(data_path=["x"], train_data_path=["1", "t"])) == (["t"], [1.0], True)
+    f = tmp_path / "data_args.txt"
+    f.write_text("1 p 3 q\n")
+    assert odm_lm.train_blend(ns(data_args_path=str(f))) == (["p", "q"], [1.0, 3.0], False)
+    j = tmp_path / "per_split.json"
+    j.write_text(json.dumps({"train": ["u", "v"], "valid": ["w"]}))
+    assert odm_lm.train_blend(ns(per_split_data_args_path=str(j))) == (["u", "v"], None, True)
+    with pytest.raises(odm_lm.OdmConfigError, match="--data-path"):
+        odm_lm.train_blend(ns(data_path=None))
+
+
+def test_domain_names():
+    ns = SimpleNamespace(odm_domain_names=None)
+    assert odm_lm.domain_names_for(ns, ["/d/github_text_document", "/d/arxiv"]) == ["github", "arxiv"]
+    with pytest.raises(odm_lm.OdmConfigError, match="--odm-domain-names"):
+        odm_lm.domain_names_for(ns, ["/a/web_text_document", "/b/web_text_document"])
+    with pytest.raises(odm_lm.OdmConfigError, match="2 names for 3"):
+        odm_lm.domain_names_for(SimpleNamespace(odm_domain_names=["a", "b"]), ["x", "y", "z"])
+
+
+def test_prior(tmp_path):
+    names, n = ["a", "b"], np.array([10, 30])
+    np.testing.assert_allclose(odm_lm.resolve_prior("natural", names, [1, 3], n), [0.25, 0.75])
+    np.testing.assert_allclose(odm_lm.resolve_prior("natural", names, None, n), [0.25, 0.75])
+    np.testing.assert_allclose(odm_lm.resolve_prior("uniform", names, [1, 3], n), [0.5, 0.5])
+    np.testing.assert_allclose(odm_lm.resolve_prior("1,4", names, None, n), [0.2, 0.8])
+    f = tmp_path / "prior.json"
+    f.write_text(json.dumps({"b": 1, "a": 3}))
+    np.testing.assert_allclose(odm_lm.resolve_prior(str(f), names, None, n), [0.75, 0.25])
+    for bad in ("1,2,3", "0,0", "x"):
+        with pytest.raises(odm_lm.OdmConfigError):
+            odm_lm.resolve_prior(bad, names, None, n)
+
+
+@pytest.mark.parametrize("flag,value", [("rampup_batch_size", ["4", "4", "100"]), ("mock_data", True),
+                                        ("dataloader_type", "cyclic"), ("odm_update_interval", 0)])
+def test_unsupported_flags_are_named(prefixes, tmp_path, flag, value):
+    with pytest.raises(odm_lm.OdmConfigError, match=flag.split("_")[0]):
+        odm_lm.build_odm_train_dataset(make_args(prefixes, tmp_path, **{flag: value}), TOKENIZER)
+
+
+def test_valid_and_test_keep_megatron_sizes():
+    assert odm_lm.odm_dataset_sizes([80, 16, 8]) == [0, 16, 8]
+
+
+# -- dataset, mixer, loader ----------------------------------------------------------------------
+def test_dataset_and_mixer_on_every_rank(prefixes, tmp_path):
+    args = make_args(prefixes, tmp_path)
+    dataset, mixer = odm_lm.build_odm_train_dataset(args, TOKENIZER)
+    assert isinstance(dataset, OnlineBlendedDataset)
+    assert dataset.domain_names == mixer.domain_names == ["domain0", "domain1", "domain2"]
+    np.testing.assert_allclose(mixer.current_weights, [0.2, 0.3, 0.5])  # natural = the --data-path weights
+    assert mixer.config.global_batch_size == GBS and mixer.config.lag == 2 and mixer.config.update_interval == 2
+    # A second call (virtual pipeline stages) reuses the mixer; ranks without a loader get no dataset.
+    again, same = odm_lm.build_odm_train_dataset(args, TOKENIZER, built_on_rank=False)
+    assert again is None and same is mixer
+    assert odm_lm.build_odm_dataloader(None, args) is None
+
+
+def test_dataset_config_from_megatron(prefixes, tmp_path):
+    """pretrain_gpt.py passes its GPTDatasetConfig: its split applies per domain, as in Megatron."""
+    config = make_gpt_dataset_config(11, SEQ, TokenizerSpec(VOCAB_SIZE, EOD), path_to_cache=str(tmp_path / "c"),
+                                     split="80,10,10")
+    args = make_args(prefixes, tmp_path, split="80,10,10")
+    dataset, _ = odm_lm.build_odm_train_dataset(args, config)
+    odm_lm.reset()
+    whole, _ = odm_lm.build_odm_train_dataset(make_args(prefixes, tmp_path, split="100,0,0"), TOKENIZER)
+    assert np.all(dataset.num_samples_per_domain < whole.num_samples_per_domain)
+    odm_lm.reset()
+    # --train-data-path: whole prefixes even though the Megatron config has no split.
+    per_split = make_gpt_dataset_config(11, SEQ, TokenizerSpec(VOCAB_SIZE, EOD), path_to_cache=str(tmp_path / "c"))
+    per_split_args = make_args(prefixes, tmp_path, data_path=None, train_data_path=list(prefixes))
+    train_only, mixer = odm_lm.build_odm_train_dataset(per_split_args, per_split)
+    np.testing.assert_array_equal(train_only.num_samples_per_domain, whole.num_samples_per_domain)
+    np.testing.assert_allclose(mixer.current_weights, whole.num_samples_per_domain / whole.num_samples_per_domain.sum())
+
+
+def test_training_feeds_the_bandit_and_logs(prefixes, tmp_path):
+    args = make_args(prefixes, tmp_path)
+    _, weights, mixer = train(args, 8)
+    assert mixer.completed_steps == 8 and mixer.policy.num_updates == 4
+    assert not np.allclose(mixer.latest_weights, [0.2, 0.3, 0.5]), "feedback never reached the policy"
+    lines = [json.loads(x) for x in open(os.path.join(args.save, "odm", "mixture.jsonl"))]
+    assert [x["step"] for x in lines] == [1, 3, 5, 7]
+    assert set(lines[0]["weights"]) == {"domain0", "domain1", "domain2"}
+
+
+def test_ranks_split_each_global_batch(prefixes, tmp_path):
+    single, _, _ = train(make_args(prefixes, tmp_path / "a"), 4)
+    odm_lm.reset()
+    r0, _, _ = train(make_args(prefixes, tmp_path / "b"), 4, dp_rank=0, dp_size=2)
+    odm_lm.reset()
+    r1, _, _ = train(make_args(prefixes, tmp_path / "c"), 4, dp_rank=1, dp_size=2)
+    per_step = GBS // MBS
+    for s in range(4):
+        whole = sorted(map(str, single[s * per_step:(s + 1) * per_step]))
+        halves = r0[s * 2:(s + 1) * 2] + r1[s * 2:(s + 1) * 2]
+        assert sorted(map(str, halves)) == whole
+
+
+def test_evaluation_and_tp_ranks_record_nothing(prefixes, tmp_path):
+    _, mixer = odm_lm.build_odm_train_dataset(make_args(prefixes, tmp_path), TOKENIZER)
+    loss, mask, ids = torch.ones(2, SEQ), torch.ones(2, SEQ), torch.tensor([0, 2])
+    odm_lm.odm_loss_hook(loss, mask, ids, StandIn().eval())  # evaluation
+    odm_lm.odm_loss_hook(loss, mask, None, StandIn())  # TP rank > 0: no ids
+    assert int(mixer.accumulator.stats.abs().sum()) == 0
+    odm_lm.odm_loss_hook(loss.view(-1), mask, ids, StandIn())  # Megatron may hand the losses flat
+    assert mixer.accumulator.stats[1].tolist() == [SEQ, 0, SEQ]
+    with pytest.raises(ValueError, match="cannot split"):
+        odm_lm.odm_loss_hook(torch.ones(3, 5), torch.ones(3, 5), ids, StandIn())
+
+
+def test_tap():
+    assert odm_lm.tap(None) is None
+    it = iter([{"tokens": torch.zeros(1)}])
+    assert odm_lm.tap(it) is it  # ODM off: untouched
+    assert odm_lm.dataset_id_of(it) is None
+
+
+def test_prefetch_deeper_than_the_lag_is_refused(prefixes, tmp_path):
+    args = make_args(prefixes, tmp_path, num_workers=4, odm_lag=1)
+    dataset, _ = odm_lm.build_odm_train_dataset(args, TOKENIZER)
+    with pytest.raises(odm_lm.OdmConfigError, match="--num-workers"):
+        odm_lm.build_odm_dataloader(dataset, args, dp_rank=0, dp_size=1)
+
+
+# -- checkpoints ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("save_at", [4, 5])  # at a window boundary and mid-window
+def test_resume_reproduces_stream_and_weights(prefixes, tmp_path, save_at):
+    args = make_args(prefixes, tmp_path)
+    full_tokens, full_weights, full = train(args, 8, save_at=save_at)
+    full_state = full.state_dict()
+    assert os.path.isfile(odm_lm.state_path(args.save, save_at))
+    odm_lm.reset()
+    resumed_args = make_args(prefixes, tmp_path, iteration=save_at, consumed_train_samples=save_at * GBS,
+                             load=args.save, save=str(tmp_path / "ckpt2"))
+    tokens, weights, resumed = train(resumed_args, 8)
+    assert tokens == full_tokens[save_at * GBS // MBS:]
+    assert weights == {s: w for s, w in full_weights.items() if s >= save_at}
+    assert resumed.state_dict() == full_state
+
+
+def test_resume_errors(prefixes, tmp_path):
+    args = make_args(prefixes, tmp_path)
+    train(args, 4, save_at=4)
+    odm_lm.reset()
+    with pytest.raises(odm_lm.OdmCheckpointError, match="no bandit state"):
+        odm_lm.build_odm_train_dataset(make_args(prefixes, tmp_path, iteration=3, load=args.save), TOKENIZER)
+    odm_lm.reset()
+    with pytest.raises(odm_lm.OdmCheckpointError, match="constant global batch size"):
+        odm_lm.build_odm_train_dataset(
+            make_args(prefixes, tmp_path, iteration=4, consumed_train_samples=20, load=args.save), TOKENIZER)
+    odm_lm.reset()
+    with pytest.raises(BanditStateError, match="seed"):
+        odm_lm.build_odm_train_dataset(make_args(prefixes, tmp_path, iteration=4, consumed_train_samples=32,
+                                                 load=args.save, seed=12), TOKENIZER)
+    odm_lm.reset()
+    _, mixer = odm_lm.build_odm_train_dataset(make_args(prefixes, tmp_path), TOKENIZER)
+    with pytest.raises(odm_lm.OdmCheckpointError, match="completed 0 steps"):
+        odm_lm.odm_save_state(args, 3)
+
+
+def test_save_is_a_no_op_before_setup(tmp_path):
+    assert odm_lm.odm_save_state(SimpleNamespace(save=str(tmp_path)), 3) is None  # e.g. checkpoint conversion
+
+
+def test_patch_calls_only_what_the_module_has():
+    patch = open(os.path.join(REPO, "patches", "megatron-lm", "odm.patch"), encoding="utf-8").read()
+    added = "\n".join(line for line in patch.splitlines() if line.startswith("+") and not line.startswith("+++"))
+    called = set(re.findall(r"odm_lm\.(\w+)", added))
+    assert called >= {"build_odm_train_dataset", "build_odm_dataloader", "odm_loss_hook", "odm_step_end",
+                      "odm_save_state", "tap", "dataset_id_of", "with_odm_args", "is_enabled", "odm_dataset_sizes"}
+    assert all(hasattr(odm_lm, name) for name in called), sorted(n for n in called if not hasattr(odm_lm, n))
+    changed = re.findall(r"^\+\+\+ b/(\S+)", patch, flags=re.M)
+    assert sorted(changed) == ["megatron/training/training.py", "pretrain_gpt.py"]
+
+
+@pytest.mark.skipif(not os.environ.get("MEGATRON_LM_DIR"), reason="set MEGATRON_LM_DIR to a Megatron-LM checkout")
+def test_patch_applies_to_megatron_lm_checkout():
+    """Opt-in: ``MEGATRON_LM_DIR=/path/to/Megatron-LM pytest -k checkout`` (core_v0.16.1)."""
+    import subprocess
+
+    out = subprocess.run([os.path.join(REPO, "tools", "check_patches.sh"), os.environ["MEGATRON_LM_DIR"]],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
