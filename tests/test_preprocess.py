@@ -4,9 +4,9 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import signal
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -324,28 +324,50 @@ def test_interrupted_run_leaves_no_complete_looking_shard(env, tmp_path, monkeyp
     assert os.listdir(out) == []  # partial files removed, nothing renamed, no manifest
 
 
-def test_killed_run_leaves_only_partial_files(env, tmp_path):
-    """A hard kill (no cleanup possible) leaves `.partial` files, never `<prefix>.bin/.idx` or a manifest."""
+def test_a_dying_worker_is_an_error_not_a_hang(env, tmp_path, monkeypatch, capsys):
+    from odm_megatron.preprocess import worker
+
+    original = worker.ChunkProcessor.__call__
+
+    def die_on_later_chunks(self, job):
+        if job[1] > 30:  # first_line: the workers are forked, so they see this patch
+            os._exit(1)
+        return original(self, job)
+
+    monkeypatch.setattr(worker.ChunkProcessor, "__call__", die_on_later_chunks)
     out = tmp_path / "o"
-    script = textwrap.dedent(f"""
-        import os, signal
-        from odm_megatron.preprocess import writer
-        original = writer.ShardWriter.add_documents
-        calls = []
-        def add_then_die(self, *args):
-            original(self, *args)
-            calls.append(1)
-            if len(calls) == 3:
-                for b in self._builders.values():
-                    b.data_file.flush()
-                os.kill(os.getpid(), signal.SIGKILL)
-        writer.ShardWriter.add_documents = add_then_die
-        from odm_megatron.cli import main
-        main(["preprocess", "--input", {env["corpus"]!r}, "--tokenizer-model", {env["model"]!r},
-              "--output-dir", {str(out)!r}, "--chunk-mb", "0.001"])
-    """)
-    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == -9, proc.stderr
+    rc, io = preprocess(["--input", env["corpus"], "--tokenizer-model", env["model"], "--output-dir", out,
+                         "--chunk-mb", "0.001", "--workers", 2], capsys)
+    assert rc == 2 and "worker process died" in io.err
+    assert os.listdir(out) == []
+
+
+def test_killed_run_leaves_only_partial_files(env, tmp_path, monkeypatch):
+    """A hard kill (no cleanup possible) leaves `.partial` files, never `<prefix>.bin/.idx` or a manifest."""
+    from odm_megatron.preprocess import writer
+
+    out = tmp_path / "o"
+    original = writer.ShardWriter.add_documents
+    calls = []
+
+    def add_then_die(self, *args):
+        original(self, *args)
+        calls.append(1)
+        if len(calls) == 3:
+            for builder in self._builders.values():
+                builder.data_file.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    monkeypatch.setattr(writer.ShardWriter, "add_documents", add_then_die)
+    pid = os.fork()  # a child with everything imported already: cheaper than a new interpreter
+    if pid == 0:
+        try:
+            run_preprocess(PreprocessConfig([env["corpus"]], env["model"], str(out), chunk_bytes=1000))
+        finally:
+            os._exit(3)  # never return into pytest
+    _, status = os.waitpid(pid, 0)
+    monkeypatch.undo()
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
     names = os.listdir(out)
     assert names and all(n.endswith(".bin.partial") for n in names)
     from megatron.core.datasets.indexed_dataset import IndexedDataset

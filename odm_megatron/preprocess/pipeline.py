@@ -4,12 +4,14 @@ The main process reads and decompresses (cheap), hands chunks of whole lines to 
 parse and tokenize them (the real cost), and writes the results back in submission order, so
 the shards are byte-identical for any number of workers. At most ``2 * workers + 2`` chunks are
 in flight: memory stays bounded however large the input. With one worker everything runs in the
-main process, with no pool and no pickling.
+main process, with no process pool and no pickling.
 """
 from __future__ import annotations
 
 import collections
 import logging
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 import multiprocessing
 import os
 import sys
@@ -20,7 +22,14 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 from odm_megatron.preprocess.domains import DomainError, DomainKey
 from odm_megatron.preprocess.readers import Chunk, InputError, StreamProblem, check_input, iter_chunks
 from odm_megatron.preprocess.skips import REASONS, SkipRecord, StrictModeError
-from odm_megatron.preprocess.worker import ChunkProcessor, ChunkResult, WorkerConfig, init_worker, process_chunk
+from odm_megatron.preprocess.worker import (
+    ChunkProcessor,
+    ChunkResult,
+    WorkerConfig,
+    init_worker,
+    ping,
+    process_chunk,
+)
 from odm_megatron.preprocess.writer import OutputDirError, ShardWriter, prepare_output_dir, shard_dtype
 from odm_megatron.tokenizer import TokenizerError, load_tokenizer
 
@@ -104,13 +113,14 @@ def run_preprocess(config: PreprocessConfig) -> PreprocessResult:
     started = time.perf_counter()
     inputs = [InputStats(os.path.abspath(p), check_input(p)) for p in config.inputs]
     tokenizer = load_tokenizer(config.tokenizer_model)
+    prepare_output_dir(config.output_dir, config.overwrite)
     # Workers start before megatron-core (and torch) are imported (by shard_dtype): they need neither.
     pool = _start_pool(config, tokenizer) if config.workers > 1 else None
+    finished = False
     try:
         from odm_megatron.preprocess.manifest_writer import build_manifest, write_manifest
 
         dtype = shard_dtype(tokenizer.vocab_size)
-        prepare_output_dir(config.output_dir, config.overwrite)
         worker_config = WorkerConfig(tokenizer.path, config.domain_key, config.append_eod, dtype.name)
         writer = ShardWriter(config.output_dir, dtype)
         skipped = SkipRecord()
@@ -158,10 +168,10 @@ def run_preprocess(config: PreprocessConfig) -> PreprocessResult:
             {"domain_key": config.domain_key, "append_eod": config.append_eod, "dtype": dtype.name},
         )
         path = write_manifest(config.output_dir, manifest)
+        finished = True
     finally:
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            _stop_pool(pool, finished)
     seconds = time.perf_counter() - started
     logger.info("wrote %d domains, %d documents, %d tokens to %s in %.1f s", len(domains),
                 manifest["totals"]["documents"], manifest["totals"]["tokens"], path, seconds)
@@ -199,14 +209,14 @@ def _in_process(items: Iterator[Union[Chunk, StreamProblem]], processor: ChunkPr
 def _ordered_pool(items: Iterator[Union[Chunk, StreamProblem]], pool: Any, max_pending: int) -> Iterator[Item]:
     """Results in submission order, with at most ``max_pending`` chunks submitted and unread.
 
-    (``Pool.imap`` would read the whole input ahead of the workers.)
+    (``Pool.imap`` or ``Executor.map`` would read the whole input ahead of the workers.)
     """
     pending: collections.deque = collections.deque()
     for item in items:
         if isinstance(item, StreamProblem):
             pending.append((item, None))
         else:
-            pending.append((item, pool.apply_async(process_chunk, (_job(item),))))
+            pending.append((item, pool.submit(process_chunk, _job(item))))
         while len(pending) >= max_pending or (pending and pending[0][1] is None):
             yield _resolve(pending.popleft())
     while pending:
@@ -215,7 +225,12 @@ def _ordered_pool(items: Iterator[Union[Chunk, StreamProblem]], pool: Any, max_p
 
 def _resolve(entry: Tuple[Any, Any]) -> Item:
     item, future = entry
-    return item if future is None else (item, future.get())
+    if future is None:
+        return item
+    try:
+        return item, future.result()
+    except BrokenProcessPool:
+        raise PreprocessError("a worker process died (killed for lack of memory?); no shards were kept") from None
 
 
 def _start_pool(config: PreprocessConfig, tokenizer: Any) -> Any:
@@ -230,7 +245,25 @@ def _start_pool(config: PreprocessConfig, tokenizer: Any) -> Any:
     # differ, IndexedDatasetBuilder casts to its own dtype, so the shards stay right.
     dtype = "uint16" if tokenizer.vocab_size < 65500 else "int32"
     worker_config = WorkerConfig(tokenizer.path, config.domain_key, config.append_eod, dtype)
-    return ctx.Pool(config.workers, initializer=init_worker, initargs=(worker_config,))
+    # ProcessPoolExecutor rather than multiprocessing.Pool: a worker that dies (OOM killer)
+    # breaks the pool with an error instead of leaving its task waiting forever.
+    pool = ProcessPoolExecutor(config.workers, mp_context=ctx, initializer=init_worker, initargs=(worker_config,))
+    pool.submit(ping)  # with fork, this starts all workers now, before torch is imported
+    return pool
+
+
+def _stop_pool(pool: ProcessPoolExecutor, finished: bool) -> None:
+    if finished:
+        pool.shutdown(wait=True)
+        return
+    # An error or Ctrl-C: drop queued chunks and stop the busy workers now.
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    for process in processes:
+        process.join(timeout=5)
 
 
 class _Progress:

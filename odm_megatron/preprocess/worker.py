@@ -6,6 +6,7 @@ lengths: a few large buffers pickle far faster than thousands of small lists.
 """
 from __future__ import annotations
 
+import os
 import signal
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
@@ -89,6 +90,11 @@ def init_worker(config: WorkerConfig) -> None:
         _PROCESSOR = ChunkProcessor(config)
     except Exception as e:  # reported by process_chunk, in the parent
         _INIT_ERROR = e
+
+
+def ping() -> int:
+    """A no-op task (starting the pool's processes early)."""
+    return os.getpid()
 
 
 def process_chunk(job: Tuple[int, int, int, bytes]) -> ChunkResult:
