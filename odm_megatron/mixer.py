@@ -74,7 +74,11 @@ class MixerConfig:
 
 @dataclass
 class UpdateRecord:
-    """What one policy update saw and decided (one line of mixture.jsonl)."""
+    """What one policy update saw and decided (one line of mixture.jsonl).
+
+    Steps are 0-based, as everywhere in the mixer (``step_end(0)`` ends the first step); the
+    trainer's logs add 1 to report 1-based iterations like Megatron.
+    """
 
     step: int  # the last step of the window
     update: int  # 1-based update counter
