@@ -248,7 +248,8 @@ def plot(runs: Dict[str, Dict[int, str]], result: dict, out_dir: str) -> List[st
     paths.append(path)
     first_seed = result["seeds"][0]
     path = os.path.join(out_dir, "learning_efficiency_weights.png")
-    plot_runs([runs[n][first_seed] for n in runs], path, title=f"weights and per-domain perplexity (seed {first_seed})")
+    plot_runs([runs[n][first_seed] for n in runs], path, title=f"weights and per-domain perplexity (seed {first_seed})",
+              labels=list(runs))
     paths.append(path)
     return paths
 

@@ -75,7 +75,7 @@ def add_odm_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_argument_group("online data mixing (odm-megatron)")
     g.add_argument("--odm-policy", choices=sorted(POLICIES), default=None,
                    help=f"enable online data mixing over the --data-path prefixes (one domain each) with "
-                        f"this bandit policy ({DEFAULT_POLICY} is the paper's EXP3)")
+                        f"this bandit policy (odm-exp3: the paper's EXP3; {DEFAULT_POLICY}: odm-megatron's default)")
     g.add_argument("--odm-update-interval", type=int, default=10, help="optimizer steps per policy update")
     g.add_argument("--odm-lag", type=int, default=2,
                    help="steps between a policy update and the first step sampled with its weights; "

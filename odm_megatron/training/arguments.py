@@ -12,7 +12,7 @@ import argparse
 import os
 from typing import List, Optional
 
-from odm_megatron.policy import POLICIES
+from odm_megatron.policy import DEFAULT_POLICY, POLICIES
 
 POLICY_CHOICES = tuple(POLICIES)
 
@@ -106,7 +106,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="where megatron-core caches its dataset indices (default: next to the data)")
 
     g = parser.add_argument_group("online data mixing")
-    g.add_argument("--policy", choices=POLICY_CHOICES, default="odm-exp3")
+    g.add_argument("--policy", choices=POLICY_CHOICES, default=DEFAULT_POLICY,
+                   help="odm-exp3: the paper's EXP3; smoothed-mean: the ODM reference code's policy; "
+                        "odm-progress: learning-progress reward (the default, chosen by the benchmark in "
+                        "docs/benchmarks.md); static: the prior")
     g.add_argument("--prior", default="natural",
                    help="natural (tokens per domain, or the --data-path weights), uniform, or FILE.json "
                         "({domain: weight})")

@@ -64,8 +64,11 @@ def load_run(log_dir: str) -> Dict[str, object]:
             "last_step": max(steps) if steps else 1}
 
 
-def plot_runs(log_dirs: Sequence[str], output: str, title: Optional[str] = None) -> str:
-    """Write the comparison PNG for ``log_dirs`` to ``output``; returns the path."""
+def plot_runs(log_dirs: Sequence[str], output: str, title: Optional[str] = None,
+              labels: Optional[Sequence[str]] = None) -> str:
+    """Write the comparison PNG for ``log_dirs`` to ``output``; returns the path.
+
+    ``labels`` names the columns (default: each log dir's name)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -74,6 +77,11 @@ def plot_runs(log_dirs: Sequence[str], output: str, title: Optional[str] = None)
     from matplotlib.ticker import FuncFormatter
 
     runs = [load_run(d) for d in log_dirs]
+    if labels is not None:
+        if len(labels) != len(runs):
+            raise PlotError(f"{len(labels)} labels for {len(runs)} runs")
+        for run, label in zip(runs, labels):
+            run["label"] = label
     all_domains: List[str] = []
     for run in runs:
         all_domains += [d for d in run["domains"] if d not in all_domains]
