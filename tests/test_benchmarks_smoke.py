@@ -38,3 +38,33 @@ def test_overhead_smoke(tmp_path):
     assert report["date"] and report["command"].startswith("python benchmarks/overhead.py")
     assert {"data_path", "model", "feedback", "blended_index", "online_index"} <= set(report["raw"])
     assert "one_b_estimate" in report and "targets" in report
+
+
+def test_learning_efficiency_smoke(tmp_path):
+    """Tokenizer, preprocessing, three short training runs and the analysis, on a synthetic corpus."""
+    out = tmp_path / "le"
+    proc = _run_benchmark("learning_efficiency.py", "--smoke", "--output", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "learning_efficiency.json").read_text(encoding="utf-8"))
+    from odm_megatron.policy import DEFAULT_POLICY
+
+    assert report["default_policy"] == DEFAULT_POLICY
+    assert set(report["policies"]) == {"natural", "uniform", "odm-exp3"}
+    for name, entry in report["policies"].items():
+        assert len(entry["final_avg_val_ppl"]["per_seed"]) == 1 and entry["final_avg_val_ppl"]["mean"] > 1
+    online = report["policies"]["odm-exp3"]
+    for key in ("steps_fraction_to_natural", "steps_fraction_to_best_static"):
+        assert {"per_seed", "mean"} <= set(online[key])
+    assert (out / "learning_efficiency.md").read_text().startswith("# Learning efficiency")
+    assert (out / "learning_efficiency_avg_ppl.png").stat().st_size > 0
+
+
+def test_steps_to_reach_interpolates_between_evaluations():
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    from learning_efficiency import steps_to_reach
+
+    curve = [(100, 500.0), (200, 300.0), (300, 250.0)]
+    assert steps_to_reach(curve, 400.0) == 150.0
+    assert steps_to_reach(curve, 600.0) == 100.0
+    assert steps_to_reach(curve, 250.0) == 300.0
+    assert steps_to_reach(curve, 249.0) is None
