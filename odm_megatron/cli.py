@@ -22,11 +22,18 @@ SUBCOMMANDS = {
 }
 
 
+_TOP_LEVEL_OPTIONS_WITH_VALUE = {"--log-level"}
+
+
 def _module_for_argv(argv: List[str]) -> Optional[str]:
-    for token in argv:
+    """The sub-command named in ``argv``, skipping top-level options and their values."""
+    tokens = iter(argv)
+    for token in tokens:
         if token in SUBCOMMANDS:
             return token
-        if not token.startswith("-"):
+        if token in _TOP_LEVEL_OPTIONS_WITH_VALUE:
+            next(tokens, None)
+        elif not token.startswith("-"):
             return None
     return None
 
