@@ -85,6 +85,15 @@ def make_gpt_dataset_config(
     )
 
 
+def domain_name_from_prefix(prefix: str) -> str:
+    """``/data/pile/github_text_document`` -> ``github`` (Megatron's preprocess suffix dropped)."""
+    name = os.path.basename(os.path.normpath(prefix))
+    for suffix in ("_text_document", "_document", "_text"):
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
 def _check_prefix(prefix: str, name: str) -> None:
     missing = [p for p in (prefix + ".bin", prefix + ".idx") if not os.path.isfile(p)]
     if missing:
@@ -109,7 +118,7 @@ def build_domain_datasets(
     The builder handles index construction, the on-disk index cache (rank 0 builds, the others
     wait and load) and the split. Errors name the domain and the prefix.
     """
-    names = list(domain_names) if domain_names is not None else [os.path.basename(p) for p in prefixes]
+    names = list(domain_names) if domain_names is not None else [domain_name_from_prefix(p) for p in prefixes]
     if len(names) != len(prefixes):
         raise ValueError(f"{len(prefixes)} prefixes but {len(names)} domain names")
     if not prefixes:

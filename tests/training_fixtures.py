@@ -14,22 +14,13 @@ import sys
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
-import torch
+
+from core_fixtures import write_indexed_dataset
 
 VOCAB_SIZE = 256
 EOD = 0
 DOMAINS = ("counting", "motif", "noise")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _write_indexed(prefix: str, documents: Sequence[np.ndarray]) -> None:
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path
-
-    builder = IndexedDatasetBuilder(get_bin_path(prefix), dtype=np.uint16)
-    for doc in documents:
-        builder.add_item(torch.from_numpy(np.asarray(doc, dtype=np.int64)))
-        builder.end_document()
-    builder.finalize(get_idx_path(prefix))
 
 
 def _document(domain: str, rng: np.random.Generator, length: int) -> np.ndarray:
@@ -53,7 +44,7 @@ def make_corpus(directory: str, docs_per_domain: int = 60, doc_len: int = 70, se
     for name in domains:
         docs = [_document(name, rng, doc_len) for _ in range(docs_per_domain)]
         prefix = f"{name}_text_document"
-        _write_indexed(os.path.join(directory, prefix), docs)
+        write_indexed_dataset(os.path.join(directory, prefix), docs)
         entries.append({"name": name, "prefix": prefix, "documents": len(docs),
                         "tokens": int(sum(len(d) for d in docs))})
     manifest = {

@@ -180,11 +180,9 @@ def train_blend(args: Any) -> Tuple[List[str], Optional[List[float]], bool]:
 
 def domain_name(prefix: str) -> str:
     """``/data/pile/github_text_document`` -> ``github``."""
-    name = os.path.basename(os.path.normpath(prefix))
-    for suffix in ("_text_document", "_document", "_text"):
-        if name.endswith(suffix) and len(name) > len(suffix):
-            return name[: -len(suffix)]
-    return name
+    from odm_megatron.dataset import domain_name_from_prefix
+
+    return domain_name_from_prefix(prefix)
 
 
 def domain_names_for(args: Any, prefixes: Sequence[str]) -> List[str]:

@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from odm_megatron.dataset import domain_name_from_prefix
 from odm_megatron.training.arguments import ConfigError, parse_data_path
 
 logger = logging.getLogger(__name__)
@@ -53,15 +54,6 @@ class TrainingData:
     @property
     def domain_names(self) -> List[str]:
         return self.train.domain_names
-
-
-def domain_name_from_prefix(prefix: str) -> str:
-    """``/data/pile/github_text_document`` -> ``github`` (Megatron's preprocess suffix dropped)."""
-    name = os.path.basename(os.path.normpath(prefix))
-    for suffix in ("_text_document", "_document", "_text"):
-        if name.endswith(suffix) and len(name) > len(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def _source_from_manifest(path: str, what: str) -> DataSource:
