@@ -46,7 +46,10 @@ POLICY_RUNS: Dict[str, tuple] = {
     "odm-exp3": ("odm-exp3", "natural", []),
     "smoothed-mean": ("smoothed-mean", "natural", []),
     "odm-progress": ("odm-progress", "natural", []),
+    # variants for exploring odm-progress (not run by default)
+    "odm-progress-eta0.1": ("odm-progress", "natural", ["--odm-eta", "0.1"]),
 }
+DEFAULT_RUNS = ["natural", "uniform", "odm-exp3", "smoothed-mean", "odm-progress"]
 STATIC_RUNS = ("natural", "uniform")
 
 logger = logging.getLogger("learning_efficiency")
@@ -305,7 +308,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--work-dir", default=os.path.join(REPO, "runs", "learning_efficiency"),
                    help="tokenizer, shards and run logs (reused by reruns)")
     p.add_argument("--output", default=os.path.join(REPO, "docs", "benchmarks"), help="where the JSON, markdown and plots go")
-    p.add_argument("--policies", nargs="+", default=list(POLICY_RUNS), choices=sorted(POLICY_RUNS))
+    p.add_argument("--policies", nargs="+", default=DEFAULT_RUNS, choices=sorted(POLICY_RUNS),
+                   help="runs to make (static ones are the baselines of the figures of merit)")
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     p.add_argument("--num-layers", type=int, default=4)
     p.add_argument("--hidden-size", type=int, default=128)
