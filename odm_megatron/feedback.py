@@ -12,8 +12,9 @@ makes the policy's weights exactly reproducible across layouts and resumes.
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
+import numpy as np
 import torch
 
 LOSS_SCALE = 2**20
@@ -65,10 +66,8 @@ class DomainLossAccumulator:
         self.stats.zero_()
 
 
-def mean_losses(stats) -> "tuple":
+def mean_losses(stats: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """(mean loss per domain as float64 with nan where unobserved or non-finite, token counts)."""
-    import numpy as np
-
     stats = np.asarray(stats, dtype=np.int64).reshape(NUM_STATS, -1)
     tokens = stats[TOKEN_COUNT]
     with np.errstate(invalid="ignore", divide="ignore"):
