@@ -23,7 +23,7 @@ setup(
         "deepspeed": ["deepspeed>=0.14"],
         "hf": ["tokenizers>=0.15"],
         "tensorboard": ["tensorboard>=2.12"],
-        "test": ["pytest>=7", "deepspeed>=0.14"],
+        "test": ["pytest>=7", "deepspeed>=0.14", "tensorboard>=2.12", "tokenizers>=0.15"],
     },
     entry_points={"console_scripts": ["odm-megatron=odm_megatron.cli:main"]},
 )

@@ -48,6 +48,8 @@ POLICY_RUNS: Dict[str, tuple] = {
     "odm-progress": ("odm-progress", "natural", []),
     # variants for exploring odm-progress (not run by default)
     "odm-progress-eta0.1": ("odm-progress", "natural", ["--odm-eta", "0.1"]),
+    "odm-progress-trend": ("odm-progress", "natural", ["--odm-trend-alpha", "0.99"]),
+    "odm-progress-ui10": ("odm-progress", "natural", ["--update-interval", "10", "--odm-eta", "0.2"]),
 }
 DEFAULT_RUNS = ["natural", "uniform", "odm-exp3", "smoothed-mean", "odm-progress"]
 STATIC_RUNS = ("natural", "uniform")

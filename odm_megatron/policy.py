@@ -280,10 +280,14 @@ class ProgressPolicy(MixingPolicy):
     name = "odm-progress"
 
     def __init__(self, prior: np.ndarray, alpha: float = 0.9, eta: float = 0.05, warmup_updates: int = 0,
-                 objective: str = "perplexity") -> None:
+                 objective: str = "perplexity", trend_alpha: Optional[float] = None) -> None:
         super().__init__(prior, warmup_updates)
         if not 0.0 <= alpha < 1.0:
             raise ValueError(f"odm-progress: alpha must be in [0, 1), got {alpha}")
+        if trend_alpha is not None and not alpha < trend_alpha < 1.0:
+            raise ValueError(f"odm-progress: trend_alpha must be in (alpha={alpha}, 1), got {trend_alpha}")
+        self.trend_alpha = None if trend_alpha is None else float(trend_alpha)
+        self.loss_ema_slow = np.full(self.num_domains, np.nan)
         if eta <= 0:
             raise ValueError(f"odm-progress: eta must be > 0, got {eta}")
         if objective not in ("perplexity", "loss"):
@@ -300,7 +304,11 @@ class ProgressPolicy(MixingPolicy):
             return
         before = self.loss_ema[again].copy()
         self.loss_ema[again] = self.alpha * before + (1.0 - self.alpha) * mean_loss[again]
-        per_share = (before - self.loss_ema[again]) / probs[again]
+        if self.trend_alpha is None:
+            decrease = before - self.loss_ema[again]
+        else:
+            decrease = self._trend_decrease(mean_loss, first, again)
+        per_share = decrease / probs[again]
         if self.objective == "perplexity":
             per_share = per_share * np.exp(self.loss_ema[again] - np.max(self.loss_ema[again]))
         scale = np.mean(np.abs(per_share))
@@ -310,17 +318,35 @@ class ProgressPolicy(MixingPolicy):
         self.log_weights[again] += self.eta * (ratio - 1.0)
         self.log_weights -= np.max(self.log_weights)
 
+    def _trend_decrease(self, mean_loss: np.ndarray, first: np.ndarray, again: np.ndarray) -> np.ndarray:
+        """Loss decrease per update from two EMAs of the loss.
+
+        An EMA with factor a trails a linear trend by a / (1 - a) updates, so (slow - fast) divided
+        by the difference of the lags is the trend's slope. Unlike the one-update change of a single
+        EMA, whose noise is ~100x the slope at 1-2 samples per domain and update, this averages over
+        the slow EMA's horizon."""
+        slow = self.loss_ema_slow
+        slow[first] = mean_loss[first]
+        slow[again] = self.trend_alpha * slow[again] + (1.0 - self.trend_alpha) * mean_loss[again]
+        lag = lambda a: a / (1.0 - a)
+        return (slow[again] - self.loss_ema[again]) / (lag(self.trend_alpha) - lag(self.alpha))
+
     def _propose(self) -> np.ndarray:
         eps_t = exploration_rate(self.num_domains, self.num_updates)
         return (1.0 - self.num_domains * eps_t) * softmax(self.log_weights) + eps_t
 
     def _extra_state(self) -> Dict[str, Any]:
-        return {"alpha": self.alpha, "eta": self.eta, "objective": self.objective,
-                "loss_ema": self.loss_ema.copy(), "log_weights": self.log_weights.copy()}
+        return {"alpha": self.alpha, "eta": self.eta, "objective": self.objective, "trend_alpha": self.trend_alpha,
+                "loss_ema": self.loss_ema.copy(), "loss_ema_slow": self.loss_ema_slow.copy(),
+                "log_weights": self.log_weights.copy()}
 
     def _load_extra_state(self, state: Dict[str, Any]) -> None:
         self.alpha, self.eta, self.objective = float(state["alpha"]), float(state["eta"]), str(state["objective"])
+        trend_alpha = state.get("trend_alpha")
+        self.trend_alpha = None if trend_alpha is None else float(trend_alpha)
         self.loss_ema = np.asarray(state["loss_ema"], dtype=np.float64).copy()
+        self.loss_ema_slow = np.asarray(state.get("loss_ema_slow", np.full(self.num_domains, np.nan)),
+                                        dtype=np.float64).copy()
         self.log_weights = np.asarray(state["log_weights"], dtype=np.float64).copy()
 
 

@@ -143,3 +143,41 @@ def test_eval_windows_are_dealt_without_overlap():
         chunks = [c for r in range(dp) for c in _rank_chunks(n, 3, r, dp)]
         flat = sorted(i for c in chunks for i in c)
         assert flat == list(range(n))
+
+
+def _tb_scalars(log_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(os.path.join(log_dir, "tensorboard"))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_metrics_logger_writes_tensorboard_scalars_and_resume_purges_later_steps(tmp_path):
+    pytest.importorskip("tensorboard")
+    from odm_megatron.training.metrics import MetricsLogger
+
+    names = ["code", "web"]
+    log = MetricsLogger(str(tmp_path), enabled=True, domain_names=names)
+    for step in (1, 2, 3):
+        log.log_train(step, loss=5.0 - step, lr=1e-3, grad_norm=1.0, tokens_per_s=100.0, step_time=0.1)
+        log.log_mixture({"step": step, "weights": {"code": 0.25 * step / 3, "web": 1 - 0.25 * step / 3}})
+    log.log_eval(3, {"code": {"loss": 1.0, "ppl": math.e}, "web": {"loss": 2.0, "ppl": math.e ** 2}},
+                 {"loss": 1.5, "ppl": (math.e + math.e ** 2) / 2})
+    log.close()
+    scalars = _tb_scalars(tmp_path)
+    assert [s for s, _ in scalars["train/loss"]] == [1, 2, 3]
+    assert scalars["train/loss"][-1][1] == pytest.approx(2.0)
+    assert scalars["mixture/weight/web"][0][1] == pytest.approx(1 - 0.25 / 3)
+    assert scalars["eval/ppl/web"] == [(3, pytest.approx(math.e ** 2))]
+    assert "eval/ppl/average" in scalars and "eval/loss/code" in scalars
+
+    # resuming at step 1 (the run died after step 3 but the checkpoint is at 1): steps 2-3 are
+    # purged from TensorBoard like from the JSONL logs, and the rewritten ones take their place
+    log = MetricsLogger(str(tmp_path), enabled=True, domain_names=names, resume_step=1)
+    log.log_train(2, loss=7.0, lr=1e-3, grad_norm=1.0, tokens_per_s=100.0, step_time=0.1)
+    log.close()
+    losses = _tb_scalars(tmp_path)["train/loss"]
+    assert [s for s, _ in losses] == [1, 2] and losses[-1][1] == pytest.approx(7.0)
+    with open(tmp_path / "train.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2]

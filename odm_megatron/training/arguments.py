@@ -118,6 +118,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="smoothing of the policy (default: the policy's own, 0.9 for odm-exp3)")
     g.add_argument("--odm-eta", type=float, default=None,
                    help="step size of odm-progress's exponentiated-gradient update (default 0.05)")
+    g.add_argument("--odm-trend-alpha", type=float, default=None,
+                   help="odm-progress: estimate each domain's loss trend from a slow EMA with this factor "
+                        "against the --odm-alpha one (default: the one-update change of the EMA)")
     g.add_argument("--odm-warmup-updates", type=_non_negative_int, default=0,
                    help="policy updates that observe but keep the prior")
     g.add_argument("--odm-lag", type=_positive_int, default=2,

@@ -87,7 +87,10 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(os.path.join(log_dir, "tensorboard"), purge_step=resume_step or None)
+                # TensorBoard drops events with step >= purge_step: the resumed run rewrites from
+                # resume_step + 1, and the steps up to resume_step stay as the JSONL logs keep them.
+                self._tb = SummaryWriter(os.path.join(log_dir, "tensorboard"),
+                                         purge_step=resume_step + 1 if resume_step > 0 else None)
             except (ImportError, ModuleNotFoundError):
                 logger.debug("tensorboard not installed: no event files")
 

@@ -69,6 +69,8 @@ def _build_mixer(args: argparse.Namespace, names: List[str], prior: np.ndarray, 
             policy_kwargs["alpha"] = args.odm_alpha
         if getattr(args, "odm_eta", None) is not None:
             policy_kwargs["eta"] = args.odm_eta
+        if getattr(args, "odm_trend_alpha", None) is not None:
+            policy_kwargs["trend_alpha"] = args.odm_trend_alpha
     config = MixerConfig(domain_names=names, seed=args.seed, global_batch_size=args.global_batch_size,
                          update_interval=args.update_interval, lag=args.odm_lag, policy=args.policy,
                          policy_kwargs=policy_kwargs)
