@@ -134,6 +134,8 @@ class OnlineMixer:
         self._lookahead: Dict[int, Tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self._lookahead_cursors = self._cursors.copy()
         self._restored_window = np.zeros((NUM_STATS, k), dtype=np.int64)
+        # the window's sums as of the last step_end; None: nothing since the last update
+        self._window_at_step_end: Optional[torch.Tensor] = None
 
     # -- weights ---------------------------------------------------------------------
     @property
@@ -229,6 +231,7 @@ class OnlineMixer:
         self._cursors = cursors_after.copy()
         self.completed_steps += 1
         if self.completed_steps % self.config.update_interval != 0:
+            self._window_at_step_end = self.accumulator.stats.clone()  # on the device: no sync
             return None
         return self._update(step)
 
@@ -241,6 +244,7 @@ class OnlineMixer:
     def _update(self, step: int) -> UpdateRecord:
         stats = self.reducer.all_reduce(self.accumulator.stats) + self._restored_window
         self.accumulator.reset()
+        self._window_at_step_end = None
         self._restored_window[:] = 0
         mean_loss, tokens = mean_losses(stats)
         sampling_probs = self._window_sampling_probs()
@@ -266,9 +270,23 @@ class OnlineMixer:
             del self._schedule_steps[0], self._schedule_weights[0]
 
     # -- state -----------------------------------------------------------------------
+    def _completed_steps_window(self) -> torch.Tensor:
+        """This rank's window sums from completed steps only.
+
+        A checkpoint is taken between steps, but Megatron's rerun state machine saves in the middle
+        of a suspicious step (after its forward-backward, before its step_end) and the next job
+        re-runs that step from the checkpoint: its losses must not be in the saved window too."""
+        completed = (self._window_at_step_end if self._window_at_step_end is not None
+                     else torch.zeros_like(self.accumulator.stats))
+        if not torch.equal(completed, self.accumulator.stats):
+            logger.info("bandit state saved during step %d: that step's losses are left out of the "
+                        "window (the step is re-run after a resume)", self.completed_steps)
+        return completed
+
     def bandit_state(self) -> BanditState:
-        """Snapshot for a checkpoint. Collective: sums the unfinished window over ranks."""
-        window = self.reducer.all_reduce(self.accumulator.stats) + self._restored_window
+        """Snapshot for a checkpoint after ``completed_steps`` steps. Collective: sums the
+        unfinished window over ranks."""
+        window = self.reducer.all_reduce(self._completed_steps_window()) + self._restored_window
         return BanditState(
             domain_names=list(self.domain_names),
             seed=self.config.seed,
@@ -309,6 +327,7 @@ class OnlineMixer:
         self._lookahead = {}
         self._lookahead_cursors = self._cursors.copy()
         self.accumulator.reset()
+        self._window_at_step_end = None
         self._restored_window = np.asarray(state.partial_window, dtype=np.int64).reshape(NUM_STATS, -1).copy()
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:

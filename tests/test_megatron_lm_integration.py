@@ -216,6 +216,28 @@ def test_evaluation_and_tp_ranks_record_nothing(prefixes, tmp_path):
         odm_lm.odm_loss_hook(torch.ones(3, 5), torch.ones(3, 5), ids, StandIn())
 
 
+def test_step_replayed_in_place_by_the_rerun_state_machine_counts_once(prefixes, tmp_path):
+    """``--rerun-mode validate_results/report_stats`` re-executes a step in place: its losses count
+    once. (The machine's own loop all-reduces on CUDA, so its states are set here as it would.)"""
+    from megatron.core import rerun_state_machine as rsm
+
+    _, mixer = odm_lm.build_odm_train_dataset(make_args(prefixes, tmp_path), TOKENIZER)
+    loss, mask, ids = torch.full((2, SEQ), 2.0), torch.ones(2, SEQ), torch.tensor([0, 2])
+    rsm.destroy_rerun_state_machine()
+    rsm.initialize_rerun_state_machine(mode=rsm.RerunMode.VALIDATE_RESULTS)
+    try:
+        machine = rsm.get_rerun_state_machine()
+        for state in (rsm.RerunState.INITIAL_RUN, rsm.RerunState.RERUNNING_IN_PLACE):
+            machine.state = state
+            odm_lm.odm_loss_hook(loss, mask, ids, StandIn())
+        assert mixer.accumulator.stats[1].tolist() == [SEQ, 0, SEQ]  # the replay added nothing
+        machine.state = rsm.RerunState.RERUNNING_FROM_CHECKPOINT  # a new job, restored mixer: counts
+        odm_lm.odm_loss_hook(loss, mask, ids, StandIn())
+        assert mixer.accumulator.stats[1].tolist() == [2 * SEQ, 0, 2 * SEQ]
+    finally:
+        rsm.destroy_rerun_state_machine()
+
+
 def test_tap():
     assert odm_lm.tap(None) is None
     it = iter([{"tokens": torch.zeros(1)}])

@@ -52,7 +52,7 @@ def test_no_repeat_or_skip_within_a_domain_under_extreme_weights(tmp_path):
     np.testing.assert_array_equal(mixer.cursors, [len(served[d]) for d in range(3)])
 
 
-@pytest.mark.parametrize("policy", ["odm-exp3", "smoothed-mean"])
+@pytest.mark.parametrize("policy", ["odm-exp3", "smoothed-mean", "odm-progress"])
 @pytest.mark.parametrize("save_at", [7, 8])  # mid-window and at a window boundary
 def test_save_load_continue_is_identical(tmp_path, policy, save_at):
     sizes = [13, 5, 40, 9]
@@ -84,6 +84,31 @@ def test_save_load_continue_is_identical(tmp_path, policy, save_at):
             for x, y in zip(a[1:], b[1:]):
                 np.testing.assert_array_equal(x, y)
     assert not np.allclose(reference["weights"][-1], 0.25), "the policy should have moved"
+
+
+@pytest.mark.parametrize("save_at", [7, 8])
+def test_save_in_the_middle_of_a_step_leaves_that_step_out(tmp_path, save_at):
+    """Megatron's rerun state machine checkpoints after a suspicious step's forward-backward and
+    before its step_end, then the next job re-runs that step: the resumed run must match an
+    uninterrupted one, so the aborted step's losses must not be in the saved window."""
+    sizes = [13, 5, 40, 9]
+    reference = train_synthetic(make_mixer(sizes, interval=3, lag=2), range(0, 20), micro_batch_size=2)
+
+    first = make_mixer(sizes, interval=3, lag=2)
+    train_synthetic(first, range(0, 20), micro_batch_size=2, stop_before=save_at)
+    between_steps = first.state_dict()
+    domains, positions = first.global_batch(save_at)  # the aborted step: losses in, no step_end
+    first.accumulate(*synthetic_loss(list(zip(domains.tolist(), positions.tolist()))))
+    mid_step = first.state_dict()
+    assert mid_step == between_steps
+
+    resumed = make_mixer(sizes, interval=3, lag=2)
+    resumed.load_state_dict(mid_step)
+    tail = train_synthetic(resumed, range(save_at, 20), micro_batch_size=2)
+    for w1, w2 in zip(reference["weights"][save_at:], tail["weights"]):
+        np.testing.assert_array_equal(w1, w2)
+    assert reference["records"][-1][0] == tail["records"][-1][0]
+    np.testing.assert_array_equal(reference["records"][-1][1], tail["records"][-1][1])
 
 
 def test_loading_a_state_from_another_run_names_the_difference(tmp_path):

@@ -465,6 +465,8 @@ def odm_loss_hook(
         return
     if model is not None and not model.training:
         return
+    if _replaying_step_in_place():
+        return
     b = int(dataset_id.numel())
     if b == 0 or output_tensor.numel() % b != 0 or output_tensor.numel() != loss_mask.numel():
         raise ValueError(
@@ -472,6 +474,22 @@ def odm_loss_hook(
             f"{tuple(loss_mask.shape)} into {b} samples"
         )
     _runtime.mixer.accumulate(output_tensor.detach().reshape(b, -1), loss_mask.reshape(b, -1), dataset_id.reshape(b))
+
+
+def _replaying_step_in_place() -> bool:
+    """True while Megatron's rerun state machine re-executes the current step on the same data
+    (``--rerun-mode validate_results`` after a suspicious loss, ``report_stats`` on every step).
+
+    The initial run already fed this micro-batch's losses to the mixer; counting the replay too
+    would double the step's weight in the window. A rerun *from a checkpoint* is a new process
+    whose mixer was restored from that checkpoint, so it does count. The module global is read
+    rather than ``get_rerun_state_machine()``, which would create a machine as a side effect."""
+    try:
+        from megatron.core import rerun_state_machine as rsm
+    except ImportError:  # megatron-core without the rerun machine: nothing is ever replayed
+        return False
+    machine = getattr(rsm, "_GLOBAL_RERUN_STATE_MACHINE", None)
+    return machine is not None and machine.state == rsm.RerunState.RERUNNING_IN_PLACE
 
 
 # -- steps and checkpoints -------------------------------------------------------------------------
