@@ -300,6 +300,7 @@ class ProgressPolicy(MixingPolicy):
         first = observed & np.isnan(self.loss_ema)
         again = observed & ~first
         self.loss_ema[first] = mean_loss[first]
+        self.loss_ema_slow[first] = mean_loss[first]
         if not again.any():
             return
         before = self.loss_ema[again].copy()
@@ -307,7 +308,7 @@ class ProgressPolicy(MixingPolicy):
         if self.trend_alpha is None:
             decrease = before - self.loss_ema[again]
         else:
-            decrease = self._trend_decrease(mean_loss, first, again)
+            decrease = self._trend_decrease(mean_loss, again)
         per_share = decrease / probs[again]
         if self.objective == "perplexity":
             per_share = per_share * np.exp(self.loss_ema[again] - np.max(self.loss_ema[again]))
@@ -318,7 +319,7 @@ class ProgressPolicy(MixingPolicy):
         self.log_weights[again] += self.eta * (ratio - 1.0)
         self.log_weights -= np.max(self.log_weights)
 
-    def _trend_decrease(self, mean_loss: np.ndarray, first: np.ndarray, again: np.ndarray) -> np.ndarray:
+    def _trend_decrease(self, mean_loss: np.ndarray, again: np.ndarray) -> np.ndarray:
         """Loss decrease per update from two EMAs of the loss.
 
         An EMA with factor a trails a linear trend by a / (1 - a) updates, so (slow - fast) divided
@@ -326,7 +327,6 @@ class ProgressPolicy(MixingPolicy):
         EMA, whose noise is ~100x the slope at 1-2 samples per domain and update, this averages over
         the slow EMA's horizon."""
         slow = self.loss_ema_slow
-        slow[first] = mean_loss[first]
         slow[again] = self.trend_alpha * slow[again] + (1.0 - self.trend_alpha) * mean_loss[again]
         lag = lambda a: a / (1.0 - a)
         return (slow[again] - self.loss_ema[again]) / (lag(self.trend_alpha) - lag(self.alpha))

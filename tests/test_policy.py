@@ -165,3 +165,40 @@ def test_progress_moves_weight_to_the_domain_that_keeps_improving():
         p.update(np.array([3.0, improving, 5.0]), np.array([1, 1, 1]))
     w = p.weights()
     assert w[1] > 0.5 and w[1] > 2 * max(w[0], w[2])
+
+
+def _noisy_progress_run(trend_alpha, seed=0, updates=300):
+    """Three domains at the same loss whose losses fall at 4:2:1, seen through per-update noise
+    50x the fastest slope (1-2 samples per domain and update look like this)."""
+    p = make_policy("odm-progress", prior=np.full(3, 1 / 3), trend_alpha=trend_alpha)
+    rng = np.random.default_rng(seed)
+    w = np.full(3, 1 / 3)
+    for t in range(updates):
+        loss = 5.0 - np.array([0.002, 0.001, 0.0005]) * t + rng.normal(0.0, 0.1, 3)
+        w = p.update(loss, np.full(3, 100), sampling_probs=w)
+    return p, w
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_progress_trend_estimate_ranks_domains_by_slope_under_noise(seed):
+    _, w = _noisy_progress_run(trend_alpha=0.99, seed=seed)
+    assert w[0] > w[1] > w[2], w
+
+
+def test_progress_trend_hand_computation_and_state_round_trip():
+    a, ta, eta = 0.5, 0.75, 0.1
+    p = make_policy("odm-progress", prior=np.full(2, 0.5), alpha=a, eta=eta, trend_alpha=ta)
+    p.update(np.array([4.0, 6.0]), np.array([1, 1]))
+    p.update(np.array([2.0, 6.0]), np.array([1, 1]), sampling_probs=np.array([0.5, 0.5]))
+    fast, slow = a * 4.0 + (1 - a) * 2.0, ta * 4.0 + (1 - ta) * 2.0  # 3.0, 3.5; domain 1 flat
+    np.testing.assert_allclose(p.loss_ema_slow, [slow, 6.0])
+    decrease = (slow - fast) / (ta / (1 - ta) - a / (1 - a))  # 0.5 / (3 - 1)
+    m = np.array([decrease / 0.5 * math.exp(fast - 6.0), 0.0])
+    ratio = np.clip(m / np.mean(np.abs(m)), 0, 3)
+    np.testing.assert_allclose(p.log_weights, eta * (ratio - 1) - np.max(eta * (ratio - 1)), rtol=1e-12)
+    q = make_policy("odm-progress", prior=np.full(2, 0.5))
+    q.load_state_dict(p.state_dict())
+    assert q.trend_alpha == ta
+    np.testing.assert_array_equal(q.loss_ema_slow, p.loss_ema_slow)
+    with pytest.raises(ValueError, match="trend_alpha"):
+        make_policy("odm-progress", prior=np.full(2, 0.5), alpha=0.9, trend_alpha=0.5)
