@@ -40,6 +40,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA = os.path.join(REPO, "..", "shared", "data", "mini_pile")
 
 # name -> (policy, prior, extra train flags)
+FITTED_PRIOR = "@fitted"
+MIN_LOG_SHARE_RATIO = math.log(1.4)  # fitted-static: shares must differ by 1.4x to fit a domain
 POLICY_RUNS: Dict[str, tuple] = {
     "natural": ("static", "natural", []),
     "uniform": ("static", "uniform", []),
@@ -49,6 +51,9 @@ POLICY_RUNS: Dict[str, tuple] = {
     # variants for exploring odm-progress (not run by default)
     "odm-progress-eta0.1": ("odm-progress", "natural", ["--odm-eta", "0.1"]),
     "odm-progress-trend": ("odm-progress", "natural", ["--odm-trend-alpha", "0.99"]),
+    # a ceiling, not a policy: the static mix that a per-domain response model fitted to this
+    # invocation's natural and uniform runs says is best (see fitted_static_mix); runs after them
+    "fitted-static": ("static", FITTED_PRIOR, []),
     "odm-progress-ui10": ("odm-progress", "natural", ["--update-interval", "10", "--odm-eta", "0.2"]),
 }
 DEFAULT_RUNS = ["natural", "uniform", "odm-exp3", "smoothed-mean", "odm-progress"]
@@ -135,6 +140,8 @@ def run_one(args: argparse.Namespace, paths: Dict[str, str], work: str, name: st
     if os.path.isfile(done):
         return log_dir
     policy, prior, extra = POLICY_RUNS[name]
+    if prior == FITTED_PRIOR:
+        prior = os.path.join(work, "fitted_static_mix.json")
     os.makedirs(log_dir, exist_ok=True)
     for stale in ("eval.jsonl", "train.jsonl", "mixture.jsonl"):
         if os.path.exists(os.path.join(log_dir, stale)):
@@ -152,6 +159,44 @@ def run_one(args: argparse.Namespace, paths: Dict[str, str], work: str, name: st
 
 
 # -- analysis -----------------------------------------------------------------------------
+def fitted_static_mix(natural: Dict[str, float], uniform: Dict[str, float],
+                      natural_shares: Dict[str, float]) -> Dict[str, dict]:
+    """The static mix a per-domain power law fitted to two static runs says minimises the
+    unweighted average perplexity.
+
+    Model: ``ppl_i(s_i) = ppl_i(uniform) * (s_i / u)^(-e_i)``, with the elasticity ``e_i`` from
+    the final perplexities of the natural and uniform runs (two shares per domain). The average's
+    minimum over the simplex has ``e_i * ppl_i(s_i) / s_i`` equal for all i (a fixed point).
+    This uses what no online policy knows (two finished runs) and ignores transfer between
+    domains: it estimates how much any reallocation of samples could buy at this budget.
+    """
+    names = sorted(uniform)
+    u = 1.0 / len(names)
+    elasticity = {}
+    for d in names:
+        ratio = math.log(u / natural_shares[d])
+        # where the two runs gave a domain nearly the same share, its perplexity difference is
+        # other domains' doing: no estimate (the median of the others stands in)
+        if abs(ratio) >= MIN_LOG_SHARE_RATIO:
+            elasticity[d] = min(max(-math.log(uniform[d] / natural[d]) / ratio, 0.01), 2.0)
+    if not elasticity:
+        raise ValueError("fitted_static_mix: no domain's share differs enough between natural and uniform")
+    median = sorted(elasticity.values())[len(elasticity) // 2]
+    unidentified = [d for d in names if d not in elasticity]
+    elasticity.update({d: median for d in unidentified})
+    predicted = lambda s: {d: uniform[d] * (s[d] / u) ** (-elasticity[d]) for d in names}
+    shares = {d: u for d in names}
+    for _ in range(500):
+        ppl = predicted(shares)
+        raw = {d: elasticity[d] * ppl[d] for d in names}
+        total = sum(raw.values())
+        shares = {d: 0.5 * shares[d] + 0.5 * raw[d] / total for d in names}  # damped fixed point
+    ppl = predicted(shares)
+    return {"shares": shares, "elasticity": elasticity, "elasticity_not_identified": unidentified,
+            "predicted_avg_ppl": sum(ppl.values()) / len(names),
+            "predicted_uniform_avg_ppl": sum(uniform.values()) / len(names)}
+
+
 def read_evals(log_dir: str) -> List[dict]:
     rows = []
     with open(os.path.join(log_dir, "eval.jsonl")) as f:
@@ -341,16 +386,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.makedirs(args.output, exist_ok=True)
     t0 = time.time()
     paths = prepare_data(args, work)
-    jobs = [(name, seed) for seed in args.seeds for name in args.policies]
-    runs: Dict[str, Dict[int, str]] = {name: {} for name in args.policies}
-    with ThreadPoolExecutor(max_workers=args.parallel_runs) as pool:
-        futures = {job: pool.submit(run_one, args, paths, work, *job) for job in jobs}
-        for (name, seed), fut in futures.items():
-            runs[name][seed] = fut.result()
     with open(os.path.join(paths["train"], "manifest.json")) as f:
         manifest = json.load(f)
     total = sum(d["tokens"] for d in manifest["domains"])
     shares = {d["name"]: d["tokens"] / total for d in manifest["domains"]}
+    fitted = [n for n in args.policies if POLICY_RUNS[n][1] == FITTED_PRIOR]
+    if fitted and not all(s in args.policies for s in STATIC_RUNS):
+        raise SystemExit(f"learning_efficiency: {fitted} need the runs {list(STATIC_RUNS)} in --policies")
+    runs: Dict[str, Dict[int, str]] = {name: {} for name in args.policies}
+    fit = None
+    for phase in ([n for n in args.policies if n not in fitted], fitted):
+        if phase is fitted and fitted:
+            fit = _write_fitted_mix(runs, shares, work)
+        jobs = [(name, seed) for seed in args.seeds for name in phase]
+        with ThreadPoolExecutor(max_workers=args.parallel_runs) as pool:
+            futures = {job: pool.submit(run_one, args, paths, work, *job) for job in jobs}
+            for (name, seed), fut in futures.items():
+                runs[name][seed] = fut.result()
     result = analyse(runs, shares, args.train_iters)
     wall = time.time() - t0
     default_policy = _default_policy()
@@ -364,12 +416,28 @@ def main(argv: Optional[List[str]] = None) -> int:
         "policies": result["policies"],
         "curves": result["curves"],
     }
+    if fit is not None:
+        out["fitted_static_mix"] = fit
     with open(os.path.join(args.output, "learning_efficiency.json"), "w") as f:
         json.dump(out, f, indent=1)
     write_markdown(result, args, command, wall, os.path.join(args.output, "learning_efficiency.md"))
     plot(runs, result, args.output)
     logger.info("wrote %s", os.path.join(args.output, "learning_efficiency.json"))
     return 0
+
+
+def _write_fitted_mix(runs: Dict[str, Dict[int, str]], shares: Dict[str, float], work: str) -> dict:
+    """Fit the static mix on the finished natural and uniform runs; write it as a --prior file."""
+    final = {}
+    for name in STATIC_RUNS:
+        per_seed = [read_evals(d)[-1]["domains"] for d in runs[name].values()]
+        final[name] = {dom: sum(r[dom]["ppl"] for r in per_seed) / len(per_seed) for dom in per_seed[0]}
+    fit = fitted_static_mix(final["natural"], final["uniform"], shares)
+    with open(os.path.join(work, "fitted_static_mix.json"), "w") as f:
+        json.dump(fit["shares"], f, indent=1)
+    logger.info("fitted static mix (predicted avg ppl %.1f vs uniform %.1f): %s", fit["predicted_avg_ppl"],
+                fit["predicted_uniform_avg_ppl"], {d: round(w, 3) for d, w in fit["shares"].items()})
+    return fit
 
 
 def _default_policy() -> str:

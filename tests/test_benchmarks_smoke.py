@@ -68,3 +68,26 @@ def test_steps_to_reach_interpolates_between_evaluations():
     assert steps_to_reach(curve, 600.0) == 100.0
     assert steps_to_reach(curve, 250.0) == 300.0
     assert steps_to_reach(curve, 249.0) is None
+
+
+def test_fitted_static_mix_recovers_the_optimum_of_its_model():
+    """Perplexities made by the model itself: the fit recovers the elasticities, lands on the
+    optimality condition, beats uniform; a domain with the same share in both runs is not fitted."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    from learning_efficiency import fitted_static_mix
+
+    names = ["a", "b", "c", "d"]
+    natural_shares = {"a": 0.6, "b": 0.1, "c": 0.05, "d": 0.25}
+    true_e = {"a": 0.6, "b": 0.2, "c": 0.4, "d": 0.3}
+    uniform = {"a": 200.0, "b": 300.0, "c": 400.0, "d": 250.0}
+    natural = {n: uniform[n] * (natural_shares[n] / 0.25) ** (-true_e[n]) for n in names}
+    natural["d"] = 260.0  # same share in both runs: the difference is not its own doing, not fitted
+    fit = fitted_static_mix(natural, uniform, natural_shares)
+    for n in "abc":
+        assert abs(fit["elasticity"][n] - true_e[n]) < 1e-9
+    assert fit["elasticity_not_identified"] == ["d"] and fit["elasticity"]["d"] == 0.4
+    s = fit["shares"]
+    assert abs(sum(s.values()) - 1) < 1e-9
+    marginal = [fit["elasticity"][n] * uniform[n] * (s[n] / 0.25) ** (-fit["elasticity"][n]) / s[n] for n in names]
+    assert max(marginal) / min(marginal) < 1 + 1e-6
+    assert fit["predicted_avg_ppl"] < fit["predicted_uniform_avg_ppl"] == sum(uniform.values()) / 4
