@@ -427,13 +427,26 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _write_fitted_mix(runs: Dict[str, Dict[int, str]], shares: Dict[str, float], work: str) -> dict:
-    """Fit the static mix on the finished natural and uniform runs; write it as a --prior file."""
+    """Fit the static mix on the finished natural and uniform runs; write it as a --prior file.
+
+    An existing fit in ``work`` is kept (like finished runs are): the fitted-static runs already
+    made used it. Delete ``fitted_static_mix*.json`` there to fit again."""
+    prior_path = os.path.join(work, "fitted_static_mix.json")
+    details_path = os.path.join(work, "fitted_static_mix.fit.json")
+    if os.path.isfile(prior_path) and os.path.isfile(details_path):
+        with open(details_path) as f:
+            fit = json.load(f)
+        logger.info("reusing the fitted static mix of seeds %s (%s)", fit["seeds"], prior_path)
+        return fit
     final = {}
     for name in STATIC_RUNS:
         per_seed = [read_evals(d)[-1]["domains"] for d in runs[name].values()]
         final[name] = {dom: sum(r[dom]["ppl"] for r in per_seed) / len(per_seed) for dom in per_seed[0]}
     fit = fitted_static_mix(final["natural"], final["uniform"], shares)
-    with open(os.path.join(work, "fitted_static_mix.json"), "w") as f:
+    fit["seeds"] = sorted(runs["uniform"])
+    with open(details_path, "w") as f:
+        json.dump(fit, f, indent=1)
+    with open(prior_path, "w") as f:
         json.dump(fit["shares"], f, indent=1)
     logger.info("fitted static mix (predicted avg ppl %.1f vs uniform %.1f): %s", fit["predicted_avg_ppl"],
                 fit["predicted_uniform_avg_ppl"], {d: round(w, 3) for d, w in fit["shares"].items()})

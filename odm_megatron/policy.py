@@ -272,9 +272,19 @@ class ProgressPolicy(MixingPolicy):
     ``m_i = exp(L_i) * (-dL_i/dn_i)``; an allocation is optimal when ``m_i`` is equal across
     domains. We estimate ``-dL_i/dn_i`` from the smoothed loss's decrease over the window divided
     by the domain's sampling share, and take an exponentiated-gradient (mirror descent) step:
-    ``log w_i += eta * (m_i / mean(m) - 1)`` (ratio clipped to [0, 3] against noise), mixed with
+    ``log w_i += eta * (m_i / mean(|m|) - 1)`` (ratio clipped to [0, 3] against noise), mixed with
     the same decaying exploration as EXP3. Weights start uniform after the first update.
     ``objective="loss"`` drops the exp(L_i) factor (for a token-level average loss).
+
+    What the default decrease estimate (the one-update change of an EMA with factor ``alpha``)
+    does when windows hold one or two samples per domain, as in docs/benchmarks.md: its noise is
+    ~100x the trend, so, clipped at 0 and weighted by exp(L_i), it moves weight towards domains
+    with a high and noisy loss more than towards fast learners (tests/test_policy.py shows both).
+    That is the policy the benchmark measured best. ``trend_alpha`` replaces the estimate with the
+    slope between a slow EMA (this factor) and the fast one, which does rank domains by progress
+    under that noise; on mini_pile it did worse (the loss trend is nearly the same in every domain
+    there), so it is opt-in. Expect the default to tilt less with larger windows (bigger global
+    batches or update intervals), where its estimate is less noisy.
     """
 
     name = "odm-progress"
