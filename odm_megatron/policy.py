@@ -283,8 +283,8 @@ class ProgressPolicy(MixingPolicy):
     That is the policy the benchmark measured best. ``trend_alpha`` replaces the estimate with the
     slope between a slow EMA (this factor) and the fast one, which does rank domains by progress
     under that noise; on mini_pile it did worse (the loss trend is nearly the same in every domain
-    there), so it is opt-in. Expect the default to tilt less with larger windows (bigger global
-    batches or update intervals), where its estimate is less noisy.
+    there), so it is opt-in. The default's behaviour therefore depends on how many samples of a
+    domain a window holds (global batch x update interval); it was measured at 16 per window only.
     """
 
     name = "odm-progress"
