@@ -452,3 +452,27 @@ def test_huggingface_tokenizer_round_trip(env, tmp_path):
     for entry in manifest.domains:
         want = [hf.encode(t, add_special_tokens=False).ids + [1] for t in expected[entry.name]]
         assert read_shard(entry.prefix) == want
+
+
+def test_more_domains_than_open_files_is_a_clear_error(env, tmp_path):
+    """Every domain keeps a shard open while writing: past the (hard) open-file limit the run
+    stops with a message naming the limit, no traceback, no shards left behind."""
+    import resource
+
+    limit = 96
+    corpus = write_corpus(str(tmp_path / "c.jsonl"), [
+        {"text": f"words of domain {i}", "meta": {"pile_set_name": f"D{i:03d}"}} for i in range(2 * limit)
+    ])
+
+    def low_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "odm_megatron", "preprocess", "--input", corpus, "--tokenizer-model", env["model"],
+         "--output-dir", str(tmp_path / "o"), "--workers", "1"],
+        capture_output=True, text=True, preexec_fn=low_limit, timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "open-file limit" in proc.stderr and "ulimit -n" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not [n for n in os.listdir(tmp_path / "o") if n.endswith((".bin", ".idx", ".partial"))]

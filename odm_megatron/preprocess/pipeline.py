@@ -30,7 +30,7 @@ from odm_megatron.preprocess.worker import (
     ping,
     process_chunk,
 )
-from odm_megatron.preprocess.writer import OutputDirError, ShardWriter, prepare_output_dir, shard_dtype
+from odm_megatron.preprocess.writer import OutputDirError, ShardWriter, prepare_output_dir, raise_open_file_limit, shard_dtype
 from odm_megatron.tokenizer import TokenizerError, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -122,6 +122,7 @@ def run_preprocess(config: PreprocessConfig) -> PreprocessResult:
 
         dtype = shard_dtype(tokenizer.vocab_size)
         worker_config = WorkerConfig(tokenizer.path, config.domain_key, config.append_eod, dtype.name)
+        raise_open_file_limit()  # one open shard per domain
         writer = ShardWriter(config.output_dir, dtype)
         skipped = SkipRecord()
         progress = _Progress(sum(i.size for i in inputs), config.progress)

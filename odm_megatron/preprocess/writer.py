@@ -7,6 +7,7 @@ renames, is the mark of a finished run. ``abort()`` removes the partial files.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -15,7 +16,7 @@ from typing import Dict, List
 
 import numpy as np
 
-from odm_megatron.preprocess.domains import DomainRegistry
+from odm_megatron.preprocess.domains import DomainError, DomainRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +85,25 @@ def prepare_output_dir(path: str, overwrite: bool) -> None:
             os.remove(os.path.join(path, name))
 
 
+def raise_open_file_limit() -> int:
+    """Raise the soft limit on open files to the hard one (every domain keeps a shard open while
+    writing; a corpus with a few thousand domains meets the common soft limit of 1024). Returns
+    the limit in force."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return -1
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            logger.debug("could not raise the open-file limit from %d", soft)
+    return soft
+
+
 @dataclass
 class DomainStats:
     name: str
@@ -112,7 +132,16 @@ class ShardWriter:
 
     def _open(self, domain: str):
         prefix = self.registry.prefix(domain)  # raises on a file-name collision
-        builder = self._builder_cls(self._path(prefix, ".bin" + PARTIAL), dtype=self.dtype.type)
+        try:
+            builder = self._builder_cls(self._path(prefix, ".bin" + PARTIAL), dtype=self.dtype.type)
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE):
+                raise DomainError(
+                    f"cannot open a shard for domain #{len(self._builders) + 1} ({domain!r}): every domain keeps "
+                    f"one file open while writing and the open-file limit is reached ({e.strerror}); raise it "
+                    f"(ulimit -n) or check --domain-key: {len(self._builders)} domains so far"
+                ) from None
+            raise
         self._builders[domain] = builder
         self.stats[domain] = DomainStats(domain, prefix)
         logger.debug("new domain %r -> %s", domain, prefix)
