@@ -135,14 +135,27 @@ def train_flags(args: argparse.Namespace) -> List[str]:
 
 
 def run_one(args: argparse.Namespace, paths: Dict[str, str], work: str, name: str, seed: int) -> str:
+    """Train one (policy, seed) run, or reuse a finished one made with the same flags."""
     log_dir = os.path.join(work, "runs", name, f"seed{seed}")
     done = os.path.join(log_dir, "DONE")
-    if os.path.isfile(done):
-        return log_dir
     policy, prior, extra = POLICY_RUNS[name]
     if prior == FITTED_PRIOR:
         prior = os.path.join(work, "fitted_static_mix.json")
+    config = {"policy": policy, "prior": os.path.basename(prior), "seed": seed, "flags": train_flags(args) + extra}
+    config_path = os.path.join(log_dir, "run_config.json")
+    if os.path.isfile(done):
+        if os.path.isfile(config_path):
+            with open(config_path) as f:
+                made_with = json.load(f)
+            if made_with != config:
+                raise SystemExit(f"learning_efficiency: {log_dir} was made with other settings ({made_with['flags']}); "
+                                 f"use another --work-dir or delete it")
+        else:
+            logger.warning("reusing %s, made before run settings were recorded", log_dir)
+        return log_dir
     os.makedirs(log_dir, exist_ok=True)
+    with open(config_path, "w") as f:
+        json.dump(config, f, indent=1)
     for stale in ("eval.jsonl", "train.jsonl", "mixture.jsonl"):
         if os.path.exists(os.path.join(log_dir, stale)):
             os.unlink(os.path.join(log_dir, stale))
@@ -304,8 +317,16 @@ def plot(runs: Dict[str, Dict[int, str]], result: dict, out_dir: str) -> List[st
     return paths
 
 
-def write_markdown(result: dict, args: argparse.Namespace, command: str, wall: float, path: str) -> None:
+def run_seconds(log_dir: str) -> float:
+    """Wall-clock seconds a finished run took (recorded in its DONE marker)."""
+    with open(os.path.join(log_dir, "DONE")) as f:
+        return float(f.read().split()[0])
+
+
+def write_markdown(result: dict, args: argparse.Namespace, command: str, wall: float, path: str,
+                   runs_time: Optional[dict] = None) -> None:
     P = result["policies"]
+    runs_time = runs_time or {}
 
     def frac(entry: Optional[dict]) -> str:
         if not entry:
@@ -322,7 +343,11 @@ def write_markdown(result: dict, args: argparse.Namespace, command: str, wall: f
         f"Command: `{command}`",
         "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
-        f"{platform.python_version()}; wall time {wall / 60:.1f} min (runs two at a time, one thread each).",
+        f"{platform.python_version()}; wall time of this invocation {wall / 60:.1f} min"
+        + (f", {runs_time['reused']} of {runs_time['runs']} runs reused from earlier invocations in the work dir"
+           if runs_time.get("reused") else "")
+        + (f"; the runs took {runs_time['total_s'] / 60:.0f} min in all, {runs_time['mean_s'] / 60:.1f} min each "
+           f"(two at a time, one thread each)." if runs_time.get("runs") else "."),
         f"Model: megatron-core GPTModel, {args.num_layers} layers, hidden {args.hidden_size}, "
         f"{args.num_attention_heads} heads, sequence {args.seq_length}, batch {args.micro_batch_size}, "
         f"{args.train_iters} steps, lr {args.lr} (cosine to 10%), BPE {args.vocab_size}; policy update every "
@@ -394,6 +419,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if fitted and not all(s in args.policies for s in STATIC_RUNS):
         raise SystemExit(f"learning_efficiency: {fitted} need the runs {list(STATIC_RUNS)} in --policies")
     runs: Dict[str, Dict[int, str]] = {name: {} for name in args.policies}
+    reused = sum(os.path.isfile(os.path.join(work, "runs", n, f"seed{s}", "DONE"))
+                 for n in args.policies for s in args.seeds)
     fit = None
     for phase in ([n for n in args.policies if n not in fitted], fitted):
         if phase is fitted and fitted:
@@ -418,9 +445,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     }
     if fit is not None:
         out["fitted_static_mix"] = fit
+    seconds = [run_seconds(d) for by_seed in runs.values() for d in by_seed.values()]
+    runs_time = {"runs": len(seconds), "reused": reused, "total_s": sum(seconds), "mean_s": sum(seconds) / len(seconds)}
+    out["runs_time"] = runs_time
     with open(os.path.join(args.output, "learning_efficiency.json"), "w") as f:
         json.dump(out, f, indent=1)
-    write_markdown(result, args, command, wall, os.path.join(args.output, "learning_efficiency.md"))
+    write_markdown(result, args, command, wall, os.path.join(args.output, "learning_efficiency.md"), runs_time)
     plot(runs, result, args.output)
     logger.info("wrote %s", os.path.join(args.output, "learning_efficiency.json"))
     return 0
