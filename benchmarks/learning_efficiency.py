@@ -374,7 +374,7 @@ def write_markdown(result: dict, args: argparse.Namespace, command: str, wall: f
         f.write("\n".join(lines))
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data-dir", default=DEFAULT_DATA, help="mini_pile directory (train/00.jsonl.zst, val.jsonl.zst)")
     p.add_argument("--work-dir", default=os.path.join(REPO, "runs", "learning_efficiency"),
@@ -398,7 +398,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--parallel-runs", type=int, default=2)
     p.add_argument("--threads-per-run", type=int, default=1)
     p.add_argument("--smoke", action="store_true", help="tiny synthetic corpus and model: checks the script runs")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if args.smoke:
         args.num_layers, args.hidden_size, args.num_attention_heads, args.seq_length = 1, 32, 2, 32

@@ -91,3 +91,20 @@ def test_fitted_static_mix_recovers_the_optimum_of_its_model():
     marginal = [fit["elasticity"][n] * uniform[n] * (s[n] / 0.25) ** (-fit["elasticity"][n]) / s[n] for n in names]
     assert max(marginal) / min(marginal) < 1 + 1e-6
     assert fit["predicted_avg_ppl"] < fit["predicted_uniform_avg_ppl"] == sum(uniform.values()) / 4
+
+
+def test_a_finished_run_is_reused_only_with_the_same_settings(tmp_path):
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import pytest
+    from learning_efficiency import build_parser, run_one, train_flags
+
+    log_dir = tmp_path / "runs" / "uniform" / "seed1"
+    log_dir.mkdir(parents=True)
+    (log_dir / "DONE").write_text("12.0\n")
+    args = build_parser().parse_args(["--train-iters", "600"])
+    config = {"policy": "static", "prior": "uniform", "seed": 1, "flags": train_flags(args)}
+    (log_dir / "run_config.json").write_text(json.dumps(config))
+    assert run_one(args, {}, str(tmp_path), "uniform", 1) == str(log_dir)  # same settings: reused
+    other = build_parser().parse_args(["--train-iters", "1200"])
+    with pytest.raises(SystemExit, match="made with other settings"):
+        run_one(other, {}, str(tmp_path), "uniform", 1)
