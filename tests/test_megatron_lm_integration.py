@@ -163,6 +163,13 @@ def test_dataset_and_mixer_on_every_rank(prefixes, tmp_path):
     assert odm_lm.build_odm_dataloader(None, args) is None
 
 
+def test_policy_hyperparameters_reach_the_policy(prefixes, tmp_path):
+    args = make_args(prefixes, tmp_path, odm_policy="odm-progress", odm_eta=0.2, odm_trend_alpha=0.99, odm_alpha=0.8)
+    _, mixer = odm_lm.build_odm_train_dataset(args, TOKENIZER)
+    policy = mixer.policy
+    assert (policy.name, policy.eta, policy.trend_alpha, policy.alpha) == ("odm-progress", 0.2, 0.99, 0.8)
+
+
 def test_dataset_config_from_megatron(prefixes, tmp_path):
     """pretrain_gpt.py passes its GPTDatasetConfig: its split applies per domain, as in Megatron."""
     config = make_gpt_dataset_config(11, SEQ, TokenizerSpec(VOCAB_SIZE, EOD), path_to_cache=str(tmp_path / "c"),

@@ -87,6 +87,8 @@ def add_odm_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="one name per prefix (default: prefix basenames without _text_document)")
     g.add_argument("--odm-alpha", type=float, default=None, help="policy smoothing (default: the policy's own)")
     g.add_argument("--odm-eta", type=float, default=None, help="odm-progress step size")
+    g.add_argument("--odm-trend-alpha", type=float, default=None,
+                   help="odm-progress: estimate loss trends from a slow EMA with this factor (default: off)")
     g.add_argument("--odm-warmup-updates", type=int, default=None,
                    help="policy updates that observe but keep the prior")
     g.add_argument("--odm-log", default=None,
@@ -296,10 +298,9 @@ def build_odm_train_dataset(
     datasets = build_domain_datasets(prefixes, config, domain_names=names)
     dataset = OnlineBlendedDataset(datasets, seed=args.seed, domain_names=names)
     prior = resolve_prior(args.odm_prior, names, weights, dataset.num_samples_per_domain)
-    policy_kwargs = {
-        k: v for k, v in (("alpha", args.odm_alpha), ("eta", args.odm_eta), ("warmup_updates", args.odm_warmup_updates))
-        if v is not None
-    }
+    hyperparameters = (("alpha", args.odm_alpha), ("eta", args.odm_eta), ("warmup_updates", args.odm_warmup_updates),
+                       ("trend_alpha", getattr(args, "odm_trend_alpha", None)))
+    policy_kwargs = {k: v for k, v in hyperparameters if v is not None}
     mixer = OnlineMixer(
         MixerConfig(domain_names=names, seed=args.seed, global_batch_size=args.global_batch_size,
                     update_interval=args.odm_update_interval, lag=args.odm_lag, policy=args.odm_policy,
