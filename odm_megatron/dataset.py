@@ -10,8 +10,11 @@ domain had served before. The dataset itself is stateless, so DataLoader workers
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import os
+import sys
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -103,6 +106,27 @@ def _check_prefix(prefix: str, name: str) -> None:
         )
 
 
+@contextlib.contextmanager
+def _quiet_half_built_indexed_dataset():
+    """Drop the "Exception ignored in IndexedDataset.__del__" that megatron-core prints when an
+    ``IndexedDataset`` fails half-way through ``__init__`` (its ``__del__`` assumes a complete
+    object): after our one-line error, that traceback would only confuse."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        obj = getattr(unraisable, "object", None)
+        if not (isinstance(unraisable.exc_value, AttributeError)
+                and getattr(obj, "__qualname__", "") == "IndexedDataset.__del__"):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        gc.collect()  # the half-built object goes now, while the hook is in place
+        sys.unraisablehook = previous
+
+
 def _is_built_on_rank() -> bool:
     return True
 
@@ -128,12 +152,15 @@ def build_domain_datasets(
         _check_prefix(prefix, name)
         domain_config = _config_for_prefix(config, prefix)
         sizes = [None] * len(Split)
-        try:
-            built = BlendedMegatronDatasetBuilder(GPTDataset, sizes, _is_built_on_rank, domain_config).build()
-        except Exception as e:  # corrupt .idx, mismatched .bin, ... surface as one line
-            raise DatasetBuildError(
-                f"domain {name!r}: cannot read indexed dataset {prefix!r}: {type(e).__name__}: {e}"
-            ) from e
+        problem = None
+        with _quiet_half_built_indexed_dataset():
+            try:
+                built = BlendedMegatronDatasetBuilder(GPTDataset, sizes, _is_built_on_rank, domain_config).build()
+            except Exception as e:  # corrupt .idx, mismatched .bin, ... surface as one line
+                logger.debug("reading %s failed", prefix, exc_info=True)
+                problem = f"{type(e).__name__}: {e}"
+        if problem is not None:
+            raise DatasetBuildError(f"domain {name!r}: cannot read indexed dataset {prefix!r}: {problem}")
         dataset = built[split.value]
         if dataset is None or len(dataset) == 0:
             raise DatasetBuildError(

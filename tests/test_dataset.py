@@ -76,6 +76,7 @@ def test_missing_prefix_is_a_clear_error(tmp_path, domains):
                               domain_names=["a", "ghost"])
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # no __del__ noise
 def test_corrupt_idx_is_a_clear_error(tmp_path, domains):
     prefixes, _ = domains
     with open(prefixes[1] + ".idx", "r+b") as f:
@@ -84,6 +85,7 @@ def test_corrupt_idx_is_a_clear_error(tmp_path, domains):
         build_domain_datasets(prefixes, _config(tmp_path, seed=8), domain_names=["a", "b", "c"])
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # no __del__ noise
 def test_truncated_idx_is_a_clear_error(tmp_path, domains):
     prefixes, _ = domains
     size = os.path.getsize(prefixes[2] + ".idx")
