@@ -56,7 +56,7 @@ POLICY_RUNS: Dict[str, tuple] = {
     "fitted-static": ("static", FITTED_PRIOR, []),
     "odm-progress-ui10": ("odm-progress", "natural", ["--update-interval", "10", "--odm-eta", "0.2"]),
 }
-DEFAULT_RUNS = ["natural", "uniform", "odm-exp3", "smoothed-mean", "odm-progress"]
+DEFAULT_RUNS = ["natural", "uniform", "odm-exp3", "smoothed-mean", "odm-progress", "fitted-static"]
 STATIC_RUNS = ("natural", "uniform")
 
 logger = logging.getLogger("learning_efficiency")
@@ -114,7 +114,8 @@ def _smoke_corpus(work: str) -> Dict[str, List[str]]:
     files = {}
     for split, seed, n in (("train", 0, 60), ("valid", 1, 12)):
         path = os.path.join(work, f"smoke_{split}.jsonl")
-        docs = make_documents({"Pile-CC": n, "Github": n, "DM Mathematics": n}, words_per_doc=120, seed=seed)
+        # unequal sizes, so natural and uniform differ enough for the fitted-static run
+        docs = make_documents({"Pile-CC": 2 * n, "Github": n, "DM Mathematics": n // 3}, words_per_doc=120, seed=seed)
         with open(path, "wb") as f:
             f.write(jsonl_bytes(docs))
         files[split] = [path]
@@ -277,8 +278,13 @@ def analyse(runs: Dict[str, Dict[int, str]], shares: Dict[str, float], train_ite
                         reached = steps_to_reach(curves[(name, s)], finals[ref][s])
                         values.append(None if reached is None else reached / train_iters)
                     entry[key] = _summary(values)
+            # same seed = same initialisation and data seed: the paired ratio cancels most seed noise
+            entry["final_avg_val_ppl_ratio_to_best_static"] = _summary(
+                [finals[name][s] / finals[best_static][s] for s in seeds])
         policies[name] = entry
-    return {"best_static": best_static, "seeds": seeds, "policies": policies,
+    online = [n for n in runs if POLICY_RUNS[n][0] != "static"]
+    best_online = min(online, key=lambda n: policies[n]["final_avg_val_ppl"]["mean"]) if online else None
+    return {"best_static": best_static, "best_online": best_online, "seeds": seeds, "policies": policies,
             "curves": {f"{n}/seed{s}": c for (n, s), c in curves.items()}}
 
 
@@ -328,14 +334,14 @@ def write_markdown(result: dict, args: argparse.Namespace, command: str, wall: f
     P = result["policies"]
     runs_time = runs_time or {}
 
-    def frac(entry: Optional[dict]) -> str:
+    def frac(entry: Optional[dict], digits: int = 2) -> str:
         if not entry:
             return "-"
-        per = ", ".join("not reached" if v is None else f"{v:.2f}" for v in entry["per_seed"])
+        per = ", ".join("not reached" if v is None else f"{v:.{digits}f}" for v in entry["per_seed"])
         if entry.get("mean") is None:
             return f"({per})"
-        std = f" ± {entry['std']:.2f}" if "std" in entry else ""
-        return f"**{entry['mean']:.2f}**{std} ({per})"
+        std = f" ± {entry['std']:.{digits}f}" if "std" in entry else ""
+        return f"**{entry['mean']:.{digits}f}**{std} ({per})"
 
     lines = [
         "# Learning efficiency on mini_pile",
@@ -353,14 +359,17 @@ def write_markdown(result: dict, args: argparse.Namespace, command: str, wall: f
         f"{args.train_iters} steps, lr {args.lr} (cosine to 10%), BPE {args.vocab_size}; policy update every "
         f"{args.update_interval} steps; evaluation every {args.eval_interval} steps on {args.eval_iters} x "
         f"{args.micro_batch_size} fixed validation windows per domain. Seeds: {result['seeds']}.",
-        f"Best static policy (lowest mean final average perplexity): `{result['best_static']}`.",
+        f"Best static policy (lowest mean final average perplexity): `{result['best_static']}`; best online "
+        f"policy: `{result['best_online']}`; the library's default policy: `{_default_policy()}`.",
         "",
-        "| policy | final avg val ppl (mean) | token-weighted val ppl | steps to natural's final | steps to best static's final |",
-        "| --- | --- | --- | --- | --- |",
+        "| policy | final avg val ppl (mean) | / best static's, same seed | token-weighted val ppl | steps to natural's final | steps to best static's final |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for name, e in P.items():
+        ratio = e.get("final_avg_val_ppl_ratio_to_best_static")
         lines.append(
             f"| {name} | {e['final_avg_val_ppl']['mean']:.2f} ({', '.join(f'{v:.1f}' for v in e['final_avg_val_ppl']['per_seed'])}) "
+            f"| {frac(ratio, digits=3)} "
             f"| {e['final_token_weighted_val_ppl']['mean']:.2f} | {frac(e.get('steps_fraction_to_natural'))} "
             f"| {frac(e.get('steps_fraction_to_best_static'))} |")
     domains = list(next(iter(P.values()))["final_domain_val_ppl"])
@@ -408,7 +417,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.num_layers, args.hidden_size, args.num_attention_heads, args.seq_length = 1, 32, 2, 32
         args.micro_batch_size, args.train_iters, args.eval_interval, args.eval_iters = 4, 8, 4, 1
         args.vocab_size, args.seeds, args.tokenizer_sample_bytes = 400, args.seeds[:1], "1M"
-        args.policies = ["natural", "uniform", "odm-exp3"]
+        args.policies = ["natural", "uniform", "odm-exp3", "fitted-static"]
     command = "python benchmarks/learning_efficiency.py " + " ".join(argv if argv is not None else sys.argv[1:])
     work = os.path.abspath(os.path.join(args.output, "_smoke_work") if args.smoke else args.work_dir)
     os.makedirs(work, exist_ok=True)
@@ -440,6 +449,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     out = {
         "default_policy": default_policy,
         "best_static": result["best_static"],
+        "best_online_policy": result["best_online"],
         "command": command,
         "wall_time_s": wall,
         "config": {k: v for k, v in vars(args).items() if k not in ("data_dir", "work_dir", "output")},

@@ -49,7 +49,10 @@ def test_learning_efficiency_smoke(tmp_path):
     from odm_megatron.policy import DEFAULT_POLICY
 
     assert report["default_policy"] == DEFAULT_POLICY
-    assert set(report["policies"]) == {"natural", "uniform", "odm-exp3"}
+    assert set(report["policies"]) == {"natural", "uniform", "odm-exp3", "fitted-static"}
+    fitted = json.loads((out / "_smoke_work" / "fitted_static_mix.json").read_text())
+    assert set(fitted) == {"Pile-CC", "Github", "DM Mathematics"} and abs(sum(fitted.values()) - 1) < 1e-9
+    assert report["fitted_static_mix"]["shares"] == fitted and report["best_online_policy"] == "odm-exp3"
     for name, entry in report["policies"].items():
         assert len(entry["final_avg_val_ppl"]["per_seed"]) == 1 and entry["final_avg_val_ppl"]["mean"] > 1
     online = report["policies"]["odm-exp3"]
