@@ -298,18 +298,32 @@ def plot(runs: Dict[str, Dict[int, str]], result: dict, out_dir: str) -> List[st
     from odm_megatron.training.plot import plot_runs
 
     paths = []
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, (ax, rel) = plt.subplots(1, 2, figsize=(13, 5))
+    best = result["best_static"]
     for i, name in enumerate(runs):
+        style = "-" if name not in STATIC_RUNS else "--"
+        ratios = []
         for j, seed in enumerate(result["seeds"]):
             curve = result["curves"][f"{name}/seed{seed}"]
             ax.plot([c[0] for c in curve], [c[1] for c in curve], color=f"C{i}", alpha=0.8,
-                    label=name if j == 0 else None, linestyle="-" if name not in STATIC_RUNS else "--")
+                    label=name if j == 0 else None, linestyle=style)
+            ref = dict(result["curves"][f"{best}/seed{seed}"])
+            ratios.append([(step, ppl / ref[step]) for step, ppl in curve if step in ref])
+        steps = [step for step, _ in ratios[0]]
+        mean = [sum(r[k][1] for r in ratios) / len(ratios) for k in range(len(steps))]
+        rel.plot(steps, mean, color=f"C{i}", marker="o", label=name, linestyle=style)
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("average validation perplexity (unweighted over domains)")
     ax.set_title("learning efficiency on mini_pile (each line a seed)")
     ax.legend()
     ax.grid(alpha=0.3)
+    rel.set_xlabel("step")
+    rel.set_ylabel(f"average perplexity / {best}'s (same seed and step)")
+    rel.set_title(f"relative to {best}, mean over seeds (below 1: better)")
+    rel.axhline(1.0, color="grey", linewidth=0.8)
+    rel.legend()
+    rel.grid(alpha=0.3)
     path = os.path.join(out_dir, "learning_efficiency_avg_ppl.png")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
