@@ -278,7 +278,7 @@ class ProgressPolicy(MixingPolicy):
 
     What the default decrease estimate (the one-update change of an EMA with factor ``alpha``)
     does when windows hold one or two samples per domain, as in docs/benchmarks.md: its noise is
-    ~100x the trend, so, clipped at 0 and weighted by exp(L_i), it moves weight towards domains
+    ~40x the trend, so, clipped at 0 and weighted by exp(L_i), it moves weight towards domains
     with a high and noisy loss more than towards fast learners (tests/test_policy.py shows both).
     That is the policy the benchmark measured best. ``trend_alpha`` replaces the estimate with the
     slope between a slow EMA (this factor) and the fast one, which does rank domains by progress
@@ -334,7 +334,7 @@ class ProgressPolicy(MixingPolicy):
 
         An EMA with factor a trails a linear trend by a / (1 - a) updates, so (slow - fast) divided
         by the difference of the lags is the trend's slope. Unlike the one-update change of a single
-        EMA, whose noise is ~100x the slope at 1-2 samples per domain and update, this averages over
+        EMA, whose noise is ~40x the slope at 1-2 samples per domain and update, this averages over
         the slow EMA's horizon."""
         slow = self.loss_ema_slow
         slow[again] = self.trend_alpha * slow[again] + (1.0 - self.trend_alpha) * mean_loss[again]
