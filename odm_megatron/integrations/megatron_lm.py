@@ -567,8 +567,10 @@ def _load_state_if_resuming(args: Any, mixer: OnlineMixer) -> None:
     if path is None:
         raise OdmCheckpointError(
             f"resuming at iteration {iteration} but no bandit state was saved with that checkpoint "
-            f"(looked for {candidates}); from a checkpoint made without --odm-policy, online mixing can "
-            f"start only as a new run (--finetune resets the iteration to 0)"
+            f"(looked for {candidates}); a checkpoint converted with Megatron's tools/checkpoint keeps the "
+            f"model, not the bandit state: copy {ODM_STATE_DIR}/iter_{iteration:07d}.json from the original "
+            f"save directory into {ODM_STATE_DIR}/ under --load; from a checkpoint made without --odm-policy, "
+            f"online mixing can start only as a new run (--finetune resets the iteration to 0)"
         )
     mixer.load(path)
     if mixer.completed_steps != iteration:
