@@ -1169,18 +1169,16 @@ def write_markdown(report: Dict[str, Any], path: str) -> None:
         "",
         "* The epoch-order cache is the only online memory that is not O(K), and it is private to every DataLoader "
         "worker (BlendedDataset's and GPTDataset's indices are memory-mapped `.npy` files shared through the page "
-        "cache). `odm_megatron/dataset.py`, `OnlineBlendedDataset.sample_index`, caches `epoch_permutation(...)` as "
-        "int64; storing it as uint32 when the domain has < 2**32 samples (as megatron-core does for its shuffle "
-        f"index) halves it ({fmt_bytes(cache[hs[-1]])} -> {fmt_bytes(cache[hs[-1]] / 2)} per worker here). "
-        "Replacing the stored permutation by a keyed bijection on [0, n) evaluated per lookup (e.g. a Feistel "
-        "permutation with cycle-walking) makes it O(1), but changes the sample order of epochs >= 1 and so needs a "
-        "state-format version bump.",
+        "cache). `OnlineBlendedDataset.sample_index` (`odm_megatron/dataset.py`) already stores each "
+        "`epoch_permutation(...)` in the smallest unsigned dtype (uint32 below 2**32 samples, as megatron-core "
+        "does for its shuffle index). Replacing the stored permutation by a keyed bijection on [0, n) evaluated "
+        "per lookup (e.g. a Feistel permutation with cycle-walking) would make it O(1), but changes the sample "
+        "order of epochs >= 1 and so needs a state-format version bump.",
         f"* Index work per sample: {dp['per_sample_us']['online']:.2f} us online vs {dp['per_sample_us']['blended']:.2f} "
         "us for BlendedDataset, a difference of "
         f"{(dp['per_sample_us']['online'] - dp['per_sample_us']['blended']) / dp['per_sample_us']['gpt_dataset_getitem_plus_index_blended']:.1%}"
-        " of an item. `OnlineBlendedDataset.__getitem__` could skip `sample_index`'s numpy-scalar lookup and "
-        "`divmod` for positions inside epoch 0 (a Python list of domain sizes and one comparison); in a local "
-        "experiment that cut its own overhead from ~0.6 to ~0.24 us per item. Not needed for the target.",
+        " of an item, with the first-epoch fast path (no lookup for positions inside epoch 0) already in "
+        "`sample_index`.",
         "",
     ]
     with open(path, "w", encoding="utf-8") as f:
