@@ -41,10 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", default="odm_demo", help="where corpus, tokenizer, shards, logs and plot go")
     parser.add_argument("--quick", action="store_true", help="a tiny version (smoke test, under a minute)")
     parser.add_argument("--train-iters", type=int, default=None, help="training steps (default 300; 30 with --quick)")
-    parser.add_argument("--policy", choices=POLICY_CHOICES, default="odm-exp3")
+    parser.add_argument("--policy", choices=POLICY_CHOICES, default="odm-exp3", help="the mixing policy to show (the paper's EXP3 by default)")
     parser.add_argument("--compare-static", action="store_true",
                         help="also train the same model with the static (natural) mixture and plot both")
-    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--seed", type=int, default=1234, help="seed of the training run")
     parser.add_argument("--workers", type=int, default=2, help="tokenizer processes for preprocessing")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads for training; 0: the cores idle right now (at least 1)")
