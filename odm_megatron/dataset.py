@@ -123,7 +123,6 @@ def _quiet_half_built_indexed_dataset():
     try:
         yield
     finally:
-        gc.collect()  # the half-built object goes now, while the hook is in place
         sys.unraisablehook = previous
 
 
@@ -159,6 +158,8 @@ def build_domain_datasets(
             except Exception as e:  # corrupt .idx, mismatched .bin, ... surface as one line
                 logger.debug("reading %s failed", prefix, exc_info=True)
                 problem = f"{type(e).__name__}: {e}"
+            if problem is not None:
+                gc.collect()  # the half-built object goes now, while the quiet hook is in place
         if problem is not None:
             raise DatasetBuildError(f"domain {name!r}: cannot read indexed dataset {prefix!r}: {problem}")
         dataset = built[split.value]

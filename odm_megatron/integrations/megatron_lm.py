@@ -50,10 +50,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from odm_megatron.dataset import OnlineBlendedDataset, TokenizerSpec, build_domain_datasets, make_gpt_dataset_config
+from odm_megatron.dataset import (OnlineBlendedDataset, TokenizerSpec, build_domain_datasets, domain_name_from_prefix,
+                                  make_gpt_dataset_config)
 from odm_megatron.mixer import MixerConfig, OnlineMixer, UpdateRecord
+from odm_megatron.options import PriorError, add_policy_hyperparameter_args, policy_hyperparameters
+from odm_megatron.options import resolve_prior as _resolve_prior
 from odm_megatron.policy import DEFAULT_POLICY, POLICIES
 from odm_megatron.sampler import OnlineMixingBatchSampler
+
+try:
+    from megatron.core import rerun_state_machine as _rerun_state_machine
+except ImportError:  # megatron-core older than the rerun state machine
+    _rerun_state_machine = None
 
 logger = logging.getLogger(__name__)
 
@@ -85,12 +93,7 @@ def add_odm_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "uniform, comma-separated weights in domain order, or FILE.json ({domain: weight})")
     g.add_argument("--odm-domain-names", nargs="+", default=None,
                    help="one name per prefix (default: prefix basenames without _text_document)")
-    g.add_argument("--odm-alpha", type=float, default=None, help="policy smoothing (default: the policy's own)")
-    g.add_argument("--odm-eta", type=float, default=None, help="odm-progress step size")
-    g.add_argument("--odm-trend-alpha", type=float, default=None,
-                   help="odm-progress: estimate loss trends from a slow EMA with this factor (default: off)")
-    g.add_argument("--odm-warmup-updates", type=int, default=None,
-                   help="policy updates that observe but keep the prior")
+    add_policy_hyperparameter_args(g)
     g.add_argument("--odm-log", default=None,
                    help="JSON-lines log of every update (default: <save>/odm/mixture.jsonl)")
     return parser
@@ -180,20 +183,13 @@ def train_blend(args: Any) -> Tuple[List[str], Optional[List[float]], bool]:
     return (*_parse_blend(data), False)
 
 
-def domain_name(prefix: str) -> str:
-    """``/data/pile/github_text_document`` -> ``github``."""
-    from odm_megatron.dataset import domain_name_from_prefix
-
-    return domain_name_from_prefix(prefix)
-
-
 def domain_names_for(args: Any, prefixes: Sequence[str]) -> List[str]:
     names = getattr(args, "odm_domain_names", None)
     if names:
         if len(names) != len(prefixes):
             raise OdmConfigError(f"--odm-domain-names lists {len(names)} names for {len(prefixes)} prefixes")
         return list(names)
-    names = [domain_name(p) for p in prefixes]
+    names = [domain_name_from_prefix(p) for p in prefixes]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise OdmConfigError(f"prefixes give the same domain name {duplicates}; name them with --odm-domain-names")
@@ -202,31 +198,13 @@ def domain_names_for(args: Any, prefixes: Sequence[str]) -> List[str]:
 
 def resolve_prior(spec: str, names: Sequence[str], blend_weights: Optional[Sequence[float]],
                   num_samples: np.ndarray) -> np.ndarray:
-    """``--odm-prior`` -> normalised weights in domain order."""
-    k = len(names)
-    if spec == "natural":
-        w = np.asarray(blend_weights if blend_weights is not None else num_samples, dtype=np.float64)
-    elif spec == "uniform":
-        w = np.ones(k)
-    elif spec.endswith(".json"):
-        try:
-            with open(spec, encoding="utf-8") as f:
-                raw = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise OdmConfigError(f"--odm-prior {spec}: cannot read ({e})") from None
-        if not isinstance(raw, dict) or sorted(raw) != sorted(names):
-            raise OdmConfigError(f"--odm-prior {spec}: expected {{domain: weight}} for exactly {list(names)}")
-        w = np.array([float(raw[n]) for n in names])
-    else:
-        try:
-            w = np.array([float(x) for x in spec.split(",")])
-        except ValueError:
-            raise OdmConfigError(f"--odm-prior {spec!r}: natural, uniform, W1,W2,... or FILE.json") from None
-        if w.shape != (k,):
-            raise OdmConfigError(f"--odm-prior gives {w.size} weights for {k} domains {list(names)}")
-    if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
-        raise OdmConfigError(f"--odm-prior: weights must be non-negative and not all zero, got {w.tolist()}")
-    return w / w.sum()
+    """``--odm-prior`` -> normalised weights in domain order ("natural": the --data-path weights,
+    else samples per domain)."""
+    natural = blend_weights if blend_weights is not None else num_samples
+    try:
+        return _resolve_prior(spec, names, natural, flag="--odm-prior")
+    except PriorError as e:
+        raise OdmConfigError(str(e)) from None
 
 
 def odm_dataset_sizes(train_val_test_num_samples: Sequence[Optional[int]]) -> List[Optional[int]]:
@@ -298,9 +276,7 @@ def build_odm_train_dataset(
     datasets = build_domain_datasets(prefixes, config, domain_names=names)
     dataset = OnlineBlendedDataset(datasets, seed=args.seed, domain_names=names)
     prior = resolve_prior(args.odm_prior, names, weights, dataset.num_samples_per_domain)
-    hyperparameters = (("alpha", args.odm_alpha), ("eta", args.odm_eta), ("warmup_updates", args.odm_warmup_updates),
-                       ("trend_alpha", getattr(args, "odm_trend_alpha", None)))
-    policy_kwargs = {k: v for k, v in hyperparameters if v is not None}
+    policy_kwargs = policy_hyperparameters(args)
     mixer = OnlineMixer(
         MixerConfig(domain_names=names, seed=args.seed, global_batch_size=args.global_batch_size,
                     update_interval=args.odm_update_interval, lag=args.odm_lag, policy=args.odm_policy,
@@ -484,13 +460,12 @@ def _replaying_step_in_place() -> bool:
     The initial run already fed this micro-batch's losses to the mixer; counting the replay too
     would double the step's weight in the window. A rerun *from a checkpoint* is a new process
     whose mixer was restored from that checkpoint, so it does count. The module global is read
-    rather than ``get_rerun_state_machine()``, which would create a machine as a side effect."""
-    try:
-        from megatron.core import rerun_state_machine as rsm
-    except ImportError:  # megatron-core without the rerun machine: nothing is ever replayed
+    rather than ``get_rerun_state_machine()``, which would create a machine as a side effect.
+    Called per micro-batch: the module is imported once, at the top of this file."""
+    if _rerun_state_machine is None:  # megatron-core without the rerun machine: nothing is replayed
         return False
-    machine = getattr(rsm, "_GLOBAL_RERUN_STATE_MACHINE", None)
-    return machine is not None and machine.state == rsm.RerunState.RERUNNING_IN_PLACE
+    machine = getattr(_rerun_state_machine, "_GLOBAL_RERUN_STATE_MACHINE", None)
+    return machine is not None and machine.state == _rerun_state_machine.RerunState.RERUNNING_IN_PLACE
 
 
 # -- steps and checkpoints -------------------------------------------------------------------------

@@ -12,6 +12,8 @@ import argparse
 import os
 from typing import List, Optional
 
+from odm_megatron.options import add_policy_hyperparameter_args
+from odm_megatron.options import non_negative_int as _non_negative_int
 from odm_megatron.policy import DEFAULT_POLICY, POLICIES
 
 POLICY_CHOICES = tuple(POLICIES)
@@ -28,16 +30,6 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
     return value
 
 
@@ -111,18 +103,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "odm-progress: learning-progress reward (the default, chosen by the benchmark in "
                         "docs/benchmarks.md); static: the prior")
     g.add_argument("--prior", default="natural",
-                   help="natural (tokens per domain, or the --data-path weights), uniform, or FILE.json "
-                        "({domain: weight})")
+                   help="natural (tokens per domain, or the --data-path weights), uniform, W1,W2,... in "
+                        "domain order, or FILE.json ({domain: weight})")
     g.add_argument("--update-interval", type=_positive_int, default=1, help="optimizer steps per policy update")
-    g.add_argument("--odm-alpha", type=float, default=None,
-                   help="smoothing of the policy (default: the policy's own, 0.9 for odm-exp3)")
-    g.add_argument("--odm-eta", type=float, default=None,
-                   help="step size of odm-progress's exponentiated-gradient update (default 0.05)")
-    g.add_argument("--odm-trend-alpha", type=float, default=None,
-                   help="odm-progress: estimate each domain's loss trend from a slow EMA with this factor "
-                        "against the --odm-alpha one (default: the one-update change of the EMA)")
-    g.add_argument("--odm-warmup-updates", type=_non_negative_int, default=0,
-                   help="policy updates that observe but keep the prior")
+    add_policy_hyperparameter_args(g)
     g.add_argument("--odm-lag", type=_positive_int, default=2,
                    help="steps between a loss window closing and its weights taking effect")
 

@@ -10,7 +10,6 @@ evaluation windows are the same for every run and every policy.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from odm_megatron import options
 from odm_megatron.dataset import domain_name_from_prefix
 from odm_megatron.training.arguments import ConfigError, parse_data_path
 
@@ -150,34 +150,11 @@ def _align_valid(train: DataSource, valid: DataSource) -> DataSource:
 
 
 def resolve_prior(spec: str, domain_names: Sequence[str], natural_weights: np.ndarray) -> np.ndarray:
-    """``natural`` | ``uniform`` | a JSON file (``{domain: weight}``, or ``{"weights": {...}}``),
-    normalised to sum to one; a file must name every domain and no other."""
-    k = len(domain_names)
-    if spec == "natural":
-        w = np.asarray(natural_weights, dtype=np.float64)
-    elif spec == "uniform":
-        w = np.ones(k, dtype=np.float64)
-    else:
-        try:
-            with open(spec, encoding="utf-8") as f:
-                raw = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise ConfigError(f"--prior {spec}: cannot read a JSON prior ({e})") from None
-        if isinstance(raw, dict) and isinstance(raw.get("weights"), dict):
-            raw = raw["weights"]
-        if not isinstance(raw, dict):
-            raise ConfigError(f"--prior {spec}: expected a JSON object {{domain: weight}}")
-        missing = [n for n in domain_names if n not in raw]
-        extra = [n for n in raw if n not in domain_names]
-        if missing or extra:
-            raise ConfigError(f"--prior {spec}: domains differ from the data (missing {missing}, unknown {extra})")
-        try:
-            w = np.array([float(raw[n]) for n in domain_names], dtype=np.float64)
-        except (TypeError, ValueError):
-            raise ConfigError(f"--prior {spec}: weights must be numbers") from None
-    if w.shape != (k,) or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
-        raise ConfigError(f"prior {spec!r}: weights must be non-negative and not all zero, got {w.tolist()}")
-    return w / w.sum()
+    """``--prior`` -> normalised weights in domain order (see :func:`odm_megatron.options.resolve_prior`)."""
+    try:
+        return options.resolve_prior(spec, domain_names, natural_weights)
+    except options.PriorError as e:
+        raise ConfigError(str(e)) from None
 
 
 def build_datasets(args: argparse.Namespace, data: TrainingData) -> TrainingData:

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from odm_megatron.options import policy_hyperparameters
 from odm_megatron.training import checkpoint as ckpt
 from odm_megatron.training.arguments import ConfigError
 from odm_megatron.training.data import PositionTaggedDataset, build_datasets, resolve_prior, resolve_sources
@@ -62,15 +63,7 @@ class TrainSummary:
 def _build_mixer(args: argparse.Namespace, names: List[str], prior: np.ndarray, train_dataset, env: ParallelEnv):
     from odm_megatron.mixer import MixerConfig, OnlineMixer
 
-    policy_kwargs: Dict[str, Any] = {}
-    if args.policy != "static":
-        policy_kwargs["warmup_updates"] = args.odm_warmup_updates
-        if args.odm_alpha is not None:
-            policy_kwargs["alpha"] = args.odm_alpha
-        if getattr(args, "odm_eta", None) is not None:
-            policy_kwargs["eta"] = args.odm_eta
-        if getattr(args, "odm_trend_alpha", None) is not None:
-            policy_kwargs["trend_alpha"] = args.odm_trend_alpha
+    policy_kwargs = policy_hyperparameters(args) if args.policy != "static" else {}
     config = MixerConfig(domain_names=names, seed=args.seed, global_batch_size=args.global_batch_size,
                          update_interval=args.update_interval, lag=args.odm_lag, policy=args.policy,
                          policy_kwargs=policy_kwargs)
