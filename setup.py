@@ -12,7 +12,11 @@ setup(
     # torch is a range on purpose: users bring their own (CUDA) build; README installs the CPU one.
     install_requires=[
         "torch>=2.3",
-        "megatron-core>=0.12,<0.18",
+        # 0.16.1 (Python >= 3.10) up to 0.19.x; 0.17 and later need Python >= 3.12 (pip picks the
+        # newest release the interpreter allows). Tested: 0.16.1 on 3.11, 0.19.2 on 3.12.
+        "megatron-core>=0.16.1,<0.20",
+        # torch_dist checkpoints (Megatron-LM's default format) start writer processes that need it.
+        "psutil>=5.9",
         "numpy>=1.24",
         "sentencepiece>=0.1.99",
         "zstandard>=0.21",
