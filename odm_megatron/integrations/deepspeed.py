@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from odm_megatron.dataset import OnlineBlendedDataset
+from odm_megatron.errors import CheckpointError
 from odm_megatron.mixer import OnlineMixer, UpdateRecord
 from odm_megatron.sampler import OnlineMixingBatchSampler
 
@@ -51,8 +52,9 @@ UNBOUNDED_SAMPLES = 2**62
 DataParallelLayout = Tuple[int, int]  # (data-parallel rank, data-parallel size)
 
 
-class OdmCheckpointError(RuntimeError):
-    """A DeepSpeed checkpoint and the mixer do not belong together."""
+OdmCheckpointError = CheckpointError
+"""The old name of the project's checkpoint error (a DeepSpeed checkpoint and the mixer do not
+belong together): the same class as :class:`odm_megatron.errors.CheckpointError`."""
 
 
 def data_parallel_layout(engine: Any) -> DataParallelLayout:
