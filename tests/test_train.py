@@ -238,10 +238,7 @@ def test_bad_flags_give_one_line_errors(corpus, capsys, tmp_path):
 
 
 def test_mismatched_manifests_and_priors_give_clear_errors(corpus, capsys, tmp_path):
-    other = make_corpus(str(tmp_path / "other"), docs_per_domain=12, seed=3, domains=("counting", "motif"))
     base = ["train", "--manifest", corpus["train"], *TINY_MODEL, "--train-iters", "4"]
-    rc, err = _cli_error(capsys, base + ["--valid-manifest", other])
-    assert rc == 2 and "does not match the training domains" in err and "noise" in err
     raw = json.load(open(corpus["valid"]))
     valid_dir = os.path.dirname(corpus["valid"])
     for d in raw["domains"]:

@@ -162,8 +162,8 @@ def test_metrics_logger_writes_tensorboard_scalars_and_resume_purges_later_steps
     for step in (1, 2, 3):
         log.log_train(step, loss=5.0 - step, lr=1e-3, grad_norm=1.0, tokens_per_s=100.0, step_time=0.1)
         log.log_mixture({"step": step, "weights": {"code": 0.25 * step / 3, "web": 1 - 0.25 * step / 3}})
-    log.log_eval(3, {"code": {"loss": 1.0, "ppl": math.e}, "web": {"loss": 2.0, "ppl": math.e ** 2}},
-                 {"loss": 1.5, "ppl": (math.e + math.e ** 2) / 2})
+    log.log_eval({"step": 3, "domains": {"code": {"loss": 1.0, "ppl": math.e}, "web": {"loss": 2.0, "ppl": math.e ** 2}},
+                  "average": {"loss": 1.5, "ppl": (math.e + math.e ** 2) / 2}})
     log.close()
     scalars = _tb_scalars(tmp_path)
     assert [s for s, _ in scalars["train/loss"]] == [1, 2, 3]

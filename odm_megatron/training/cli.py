@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def format_summary_table(summary) -> str:
     """The per-domain table printed at the end: prior, final weight, validation loss/perplexity."""
     names = summary.domain_names
-    width = max(8, max(len(n) for n in names))
+    width = max(8, *(len(n) for n in [*names, *(summary.last_eval or {}).get("held_out", {})]))
     evals = (summary.last_eval or {}).get("domains", {})
     lines = [f"{'domain':<{width}}  {'prior':>7}  {'weight':>7}  {'val loss':>9}  {'val ppl':>9}"]
     lines.append("-" * len(lines[0]))
@@ -35,6 +35,13 @@ def format_summary_table(summary) -> str:
     if summary.last_eval:
         avg = summary.last_eval["average"]
         lines.append("-" * len(lines[0]))
+        lines.append(f"{'average':<{width}}  {'':>7}  {'':>7}  {avg['loss']:9.4f}  {avg['ppl']:9.2f}")
+    held_out = (summary.last_eval or {}).get("held_out", {})
+    if held_out:  # validation domains never trained on (eval_record)
+        lines.append("-" * len(lines[0]) + " held-out (not trained on)")
+        for name, e in held_out.items():
+            lines.append(f"{name:<{width}}  {'-':>7}  {'-':>7}  {e['loss']:9.4f}  {e['ppl']:9.2f}")
+        avg = summary.last_eval["held_out_average"]
         lines.append(f"{'average':<{width}}  {'':>7}  {'':>7}  {avg['loss']:9.4f}  {avg['ppl']:9.2f}")
     return "\n".join(lines)
 

@@ -3,9 +3,11 @@
 Sources: a manifest from ``odm-megatron preprocess`` (domain names, prefixes, token counts and the
 tokenizer in one file) or Megatron's ``--data-path W1 PREFIX1 W2 PREFIX2 ...`` (the weights become
 the natural prior, domain names come from the prefixes). Validation data (``--valid-manifest`` or
-``--valid-data-path``) must describe the same domains with the same tokenizer; its per-domain
-datasets are built with a fixed seed (:data:`EVAL_DATA_SEED`), independent of ``--seed``, so the
-evaluation windows are the same for every run and every policy.
+``--valid-data-path``) must use the same tokenizer but may name any domains: trained domains with
+validation data are the headline figures, trained domains without it are listed once at start-up,
+and validation domains that were never trained on are evaluated as held-out domains. Its
+per-domain datasets are built with a fixed seed (:data:`EVAL_DATA_SEED`), independent of
+``--seed``, so the evaluation windows are the same for every run and every policy.
 """
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ class TrainingData:
     train: Optional[DataSource]
     valid: Optional[DataSource]
     train_dataset: "object" = None  # OnlineBlendedDataset
-    valid_datasets: Optional[List["object"]] = None  # GPTDataset per domain, train domain order
+    valid_datasets: Optional[List["object"]] = None  # GPTDataset per validation domain (valid.domain_names order)
     extra: Dict[str, object] = field(default_factory=dict)
 
     @property
@@ -99,15 +101,15 @@ def resolve_sources(args: argparse.Namespace) -> TrainingData:
     elif args.valid_data_path is not None:
         values = args.valid_data_path
         prefixes = values if all(not _is_number(v) for v in values) else parse_data_path(values)[1]
-        valid = DataSource([domain_name_from_prefix(p) for p in prefixes], [os.path.abspath(p) for p in prefixes],
-                           np.ones(len(prefixes)), train.vocab_size, train.eod_id, description="--valid-data-path")
-        if len(prefixes) != len(train.prefixes):
-            raise ConfigError(
-                f"--valid-data-path lists {len(prefixes)} prefixes for {len(train.prefixes)} training domains"
-            )
-        valid.domain_names = list(train.domain_names)  # matched by position
+        names = [domain_name_from_prefix(p) for p in prefixes]  # as for --data-path
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ConfigError(f"--valid-data-path: two prefixes give the same domain name {duplicates}; "
+                              "rename the shards")
+        valid = DataSource(names, [os.path.abspath(p) for p in prefixes], np.ones(len(prefixes)),
+                           train.vocab_size, train.eod_id, description="--valid-data-path")
     if valid is not None:
-        valid = _align_valid(train, valid)
+        _check_valid(train, valid)
     return TrainingData(train=train, valid=valid)
 
 
@@ -119,15 +121,11 @@ def _is_number(text: str) -> bool:
         return False
 
 
-def _align_valid(train: DataSource, valid: DataSource) -> DataSource:
-    """The validation source reordered to the training domain order; errors if they differ."""
-    if set(valid.domain_names) != set(train.domain_names):
-        missing = [n for n in train.domain_names if n not in valid.domain_names]
-        extra = [n for n in valid.domain_names if n not in train.domain_names]
-        raise ConfigError(
-            f"validation data {valid.description} does not match the training domains "
-            f"{train.description}: missing {missing}, unexpected {extra}"
-        )
+def _check_valid(train: DataSource, valid: DataSource) -> None:
+    """Errors if the validation data was tokenized differently; says once (one line) which
+    trained domains have no validation data and which validation domains are held out."""
+    unscored = [n for n in train.domain_names if n not in valid.domain_names]
+    held_out = [n for n in valid.domain_names if n not in train.domain_names]
     if valid.vocab_size != train.vocab_size or valid.eod_id != train.eod_id:
         raise ConfigError(
             f"validation data {valid.description} was tokenized differently (vocab {valid.vocab_size}, "
@@ -138,15 +136,15 @@ def _align_valid(train: DataSource, valid: DataSource) -> DataSource:
             f"validation data {valid.description} was made with another tokenizer model than the training "
             f"data (sha256 {valid.tokenizer_sha256[:12]} vs {train.tokenizer_sha256[:12]})"
         )
-    order = [valid.domain_names.index(n) for n in train.domain_names]
-    return DataSource(
-        domain_names=list(train.domain_names),
-        prefixes=[valid.prefixes[i] for i in order],
-        natural_weights=valid.natural_weights[order],
-        vocab_size=valid.vocab_size, eod_id=valid.eod_id,
-        tokenizer_path=valid.tokenizer_path, tokenizer_sha256=valid.tokenizer_sha256,
-        description=valid.description,
-    )
+    if len(held_out) == len(valid.domain_names):
+        logger.warning("validation data %s shares no domain with the training data %s: no headline average; "
+                       "all %d validation domains are reported as held-out", valid.description,
+                       train.description, len(held_out))
+    elif unscored or held_out:
+        logger.info("validation: %d of %d trained domains have validation data; not evaluated (no validation "
+                    "data): %s; held-out (not trained on, reported separately): %s",
+                    len(train.domain_names) - len(unscored), len(train.domain_names),
+                    ", ".join(unscored) or "none", ", ".join(held_out) or "none")
 
 
 def resolve_prior(spec: str, domain_names: Sequence[str], natural_weights: np.ndarray) -> np.ndarray:

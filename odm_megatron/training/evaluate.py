@@ -6,15 +6,17 @@ seed (:data:`odm_megatron.training.data.EVAL_DATA_SEED`). So every run and every
 its ``--seed``, scores the same tokens, and the numbers are comparable across runs. Windows are
 dealt to data-parallel ranks in micro-batches; token-level loss sums (float64) are all-reduced.
 
-Reported per domain: mean token loss and its exponential (perplexity); plus the unweighted
-average over domains of both (every domain counts the same, whatever its size or weight).
+Validation data need not name the training domains: :func:`eval_record` (one function, shared by
+the trainer and the Megatron-LM integration) splits the scored domains into trained ones (the
+headline figures) and held-out ones (never trained on: how well the model generalises), each with
+its own averages.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import math
-from typing import Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -63,13 +65,58 @@ def _forward_losses(model: torch.nn.Module, batch: dict, env: ParallelEnv, bf16:
     return captured.get("loss")
 
 
-def evaluate(model: torch.nn.Module, valid_datasets: Sequence, domain_names: Sequence[str],
-             args: argparse.Namespace, env: ParallelEnv) -> Tuple[Dict[str, Dict[str, float]], Dict[str, float]]:
-    """Score every domain's fixed windows. Collective: every rank must call it."""
+def _domain_figures(loss_sum: float, tokens: float) -> Dict[str, Any]:
+    loss = float(loss_sum) / float(tokens) if tokens > 0 else float("nan")
+    return {"loss": loss, "ppl": _safe_exp(loss), "tokens": int(tokens)}
+
+
+def _unweighted(figures: Mapping[str, Mapping[str, float]]) -> Dict[str, float]:
+    """Every domain counts the same, whatever its size or weight (domains with no tokens skipped)."""
+    scored = [f for f in figures.values() if f["tokens"] > 0]
+    if not scored:
+        return {"loss": float("nan"), "ppl": float("nan")}
+    return {"loss": sum(f["loss"] for f in scored) / len(scored), "ppl": sum(f["ppl"] for f in scored) / len(scored)}
+
+
+def eval_record(step: int, loss_sums: Mapping[str, float], token_counts: Mapping[str, float],
+                trained_domains: Sequence[str]) -> Dict[str, Any]:
+    """The evaluation record written to ``eval.jsonl`` from per-domain token-loss sums and counts.
+
+    ``loss_sums`` / ``token_counts`` hold, per validation domain name, the sum of the per-token
+    losses and the number of tokens scored. Domains in ``trained_domains`` (the training mixture's
+    names) are the headline: ``domains`` (in training order), their unweighted ``average`` (mean
+    loss, mean perplexity: every domain counts the same) and their ``token_weighted`` average
+    (all their tokens pooled; perplexity = exp of the pooled loss). Validation domains that were
+    not trained on go to ``held_out`` (in the given order) with their own ``held_out_average``;
+    both keys are present only when there are such domains. Trained domains without validation
+    data are simply absent. Returns::
+
+        {"step", "domains": {name: {"loss", "ppl", "tokens"}}, "average": {"loss", "ppl"},
+         "token_weighted": {"loss", "ppl"}[, "held_out": {...}, "held_out_average": {"loss", "ppl"}]}
+    """
+    if set(loss_sums) != set(token_counts):
+        raise ValueError(f"loss sums and token counts name different domains: {sorted(loss_sums)} vs "
+                         f"{sorted(token_counts)}")
+    trained = [n for n in trained_domains if n in loss_sums]
+    held_out = [n for n in loss_sums if n not in set(trained_domains)]
+    domains = {n: _domain_figures(loss_sums[n], token_counts[n]) for n in trained}
+    total_tokens = sum(float(token_counts[n]) for n in trained)
+    pooled = sum(float(loss_sums[n]) for n in trained) / total_tokens if total_tokens > 0 else float("nan")
+    record: Dict[str, Any] = {"step": int(step), "domains": domains, "average": _unweighted(domains),
+                              "token_weighted": {"loss": pooled, "ppl": _safe_exp(pooled)}}
+    if held_out:
+        record["held_out"] = {n: _domain_figures(loss_sums[n], token_counts[n]) for n in held_out}
+        record["held_out_average"] = _unweighted(record["held_out"])
+    return record
+
+
+def evaluate(model: torch.nn.Module, valid_datasets: Sequence, valid_names: Sequence[str],
+             trained_names: Sequence[str], args: argparse.Namespace, env: ParallelEnv, step: int) -> Dict[str, Any]:
+    """Score every validation domain's fixed windows; returns :func:`eval_record`'s record.
+    Collective: every rank must call it."""
     was_training = model.training
     model.eval()
-    k = len(domain_names)
-    sums = torch.zeros(k, 2, dtype=torch.float64, device=env.device)  # [loss sum, tokens]
+    sums = torch.zeros(len(valid_names), 2, dtype=torch.float64, device=env.device)  # [loss sum, tokens]
     contributes = env.tp_rank == 0 and env.is_last_stage
     for d, dataset in enumerate(valid_datasets):
         n = eval_windows(len(dataset), args.eval_iters, args.global_batch_size)
@@ -83,14 +130,9 @@ def evaluate(model: torch.nn.Module, valid_datasets: Sequence, domain_names: Seq
     if env.world_size > 1:
         dist.all_reduce(sums)
     model.train(was_training)
-    results: Dict[str, Dict[str, float]] = {}
-    for d, name in enumerate(domain_names):
-        total, tokens = float(sums[d, 0]), float(sums[d, 1])
-        loss = total / tokens if tokens > 0 else float("nan")
-        results[name] = {"loss": loss, "ppl": _safe_exp(loss), "tokens": int(tokens)}
-    losses = [r["loss"] for r in results.values()]
-    average = {"loss": sum(losses) / k, "ppl": sum(r["ppl"] for r in results.values()) / k}
-    return results, average
+    sums = sums.cpu()
+    return eval_record(step, {n: float(sums[d, 0]) for d, n in enumerate(valid_names)},
+                       {n: float(sums[d, 1]) for d, n in enumerate(valid_names)}, trained_names)
 
 
 def _safe_exp(x: float) -> float:

@@ -4,7 +4,9 @@
 
 - ``train.jsonl``    one line per step: step, loss, lr, grad_norm, tokens/s, step time
 - ``mixture.jsonl``  one line per policy update: step, weights / loss / tokens by domain name
-- ``eval.jsonl``     one line per evaluation: step, per-domain and average loss and perplexity
+- ``eval.jsonl``     one line per evaluation (:func:`odm_megatron.training.evaluate.eval_record`):
+                     step, per trained domain loss / perplexity / tokens, their unweighted and
+                     token-weighted averages, and held-out (untrained) domains with their average
 - ``tensorboard/``   the same scalars, when the ``tensorboard`` package is installed
 
 and, with ``--log-sample-order``, from every rank: ``sample_order_rank<R>.jsonl``, one line per
@@ -116,13 +118,17 @@ class MetricsLogger:
             for name, w in record["weights"].items():
                 self._tb.add_scalar(f"mixture/weight/{name}", w, record["step"])
 
-    def log_eval(self, step: int, results: Dict[str, Dict[str, float]], average: Dict[str, float]) -> None:
-        self._write("eval.jsonl", {"step": step, "domains": results, "average": average})
+    def log_eval(self, record: Dict[str, Any]) -> None:
+        """One :func:`~odm_megatron.training.evaluate.eval_record` record."""
+        self._write("eval.jsonl", record)
         if self._tb is not None:
-            for name, r in results.items():
+            step = record["step"]
+            for name, r in {**record["domains"], **record.get("held_out", {})}.items():
                 self._tb.add_scalar(f"eval/ppl/{name}", r["ppl"], step)
                 self._tb.add_scalar(f"eval/loss/{name}", r["loss"], step)
-            self._tb.add_scalar("eval/ppl/average", average["ppl"], step)
+            for key in ("average", "token_weighted", "held_out_average"):
+                if key in record:
+                    self._tb.add_scalar(f"eval/ppl/{key}", record[key]["ppl"], step)
 
     def close(self) -> None:
         for f in self._files.values():
@@ -186,6 +192,15 @@ def console_train_line(step: int, train_iters: int, loss: float, lr: float, grad
             f"{tokens_per_s:,.0f} tok/s | {step_time * 1000:.0f} ms/step | weights {format_weights(domain_names, weights)}")
 
 
-def console_eval_line(step: int, results: Dict[str, Dict[str, float]], average: Dict[str, float]) -> str:
-    per = " ".join(f"{n}={r['ppl']:.1f}" for n, r in results.items())
-    return f"eval @ step {step}: avg loss {average['loss']:.4f} avg ppl {average['ppl']:.2f} | ppl {per}"
+def console_eval_line(record: Dict[str, Any]) -> str:
+    """One line per evaluation: trained domains' averages and perplexities, then held-out ones."""
+    avg, tw = record["average"], record.get("token_weighted")
+    per = " ".join(f"{n}={r['ppl']:.1f}" for n, r in record["domains"].items())
+    line = f"eval @ step {record['step']}: avg loss {avg['loss']:.4f} avg ppl {avg['ppl']:.2f}"
+    if tw is not None:
+        line += f" (token-weighted {tw['ppl']:.2f})"
+    line += f" | ppl {per}"
+    if record.get("held_out"):
+        held = " ".join(f"{n}={r['ppl']:.1f}" for n, r in record["held_out"].items())
+        line += f" | held-out avg ppl {record['held_out_average']['ppl']:.2f}: {held}"
+    return line

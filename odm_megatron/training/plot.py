@@ -2,8 +2,10 @@
 
 One column per run (log dir): on top the sampling weights over training steps as stacked areas
 (weights decided by an update are drawn from the step they take effect), below each domain's
-validation perplexity and the unweighted average. A domain keeps its colour in every column, so
-runs with different policies can be compared side by side.
+validation perplexity and the unweighted average (dashed); held-out validation domains (never
+trained on) are drawn dotted, with their own average. A domain keeps its colour in every column,
+so runs with different policies can be compared side by side; columns whose log dirs share a
+name are titled with as much of their paths as tells them apart.
 """
 from __future__ import annotations
 
@@ -19,6 +21,11 @@ logger = logging.getLogger(__name__)
 
 class PlotError(ValueError):
     pass
+
+
+AVERAGE_STYLE = dict(color="black", ls="--", lw=1.5, label="average (trained domains, unweighted)")
+HELD_OUT_STYLE = dict(ls=":", lw=1.2)
+HELD_OUT_AVERAGE_STYLE = dict(color="dimgrey", ls=":", lw=2.0, label="held-out average")
 
 
 def _read_jsonl(path: str) -> List[dict]:
@@ -44,6 +51,19 @@ def run_label(log_dir: str) -> str:
     return os.path.basename(os.path.dirname(path)) if name in ("logs", "log") else name
 
 
+def run_labels(log_dirs: Sequence[str]) -> List[str]:
+    """Distinct column titles: :func:`run_label`, lengthened to ``parent/name`` (and further up
+    the path) for runs whose labels would otherwise be the same."""
+    parts = [[p for p in os.path.normpath(os.path.abspath(d)).split(os.sep) if p] for d in log_dirs]
+    labels = [run_label(d) for d in log_dirs]
+    for depth in range(2, max(map(len, parts), default=0) + 1):
+        same = {label for label in labels if labels.count(label) > 1}
+        if not same:
+            break
+        labels = ["/".join(p[-depth:]) if label in same else label for p, label in zip(parts, labels)]
+    return labels
+
+
 def load_run(log_dir: str) -> Dict[str, object]:
     mixture = _read_jsonl(os.path.join(log_dir, "mixture.jsonl"))
     evals = _read_jsonl(os.path.join(log_dir, "eval.jsonl"))
@@ -54,21 +74,36 @@ def load_run(log_dir: str) -> Dict[str, object]:
         for name in row.get("weights", {}):
             if name not in domains:
                 domains.append(name)
+    held_out: List[str] = []  # validation domains never trained on (absent from older eval.jsonl files)
     for row in evals:
         for name in row.get("domains", {}):
             if name not in domains:
                 domains.append(name)
+        for name in row.get("held_out", {}):
+            if name not in held_out:
+                held_out.append(name)
     train = _read_jsonl(os.path.join(log_dir, "train.jsonl"))
     steps = [int(r["step"]) for r in train + mixture + evals if "step" in r]
     return {"label": run_label(log_dir), "mixture": mixture, "eval": evals, "domains": domains,
-            "last_step": max(steps) if steps else 1}
+            "held_out": held_out, "last_step": max(steps) if steps else 1}
 
 
 def plot_runs(log_dirs: Sequence[str], output: str, title: Optional[str] = None,
               labels: Optional[Sequence[str]] = None) -> str:
     """Write the comparison PNG for ``log_dirs`` to ``output``; returns the path.
 
-    ``labels`` names the columns (default: each log dir's name)."""
+    ``labels`` names the columns (default: :func:`run_labels`)."""
+    import matplotlib.pyplot as plt
+
+    fig = build_figure(log_dirs, title, labels)
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    fig.savefig(output, dpi=110)
+    plt.close(fig)
+    return output
+
+
+def build_figure(log_dirs: Sequence[str], title: Optional[str] = None, labels: Optional[Sequence[str]] = None):
+    """The comparison figure (a matplotlib Figure; the caller saves and closes it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -77,19 +112,18 @@ def plot_runs(log_dirs: Sequence[str], output: str, title: Optional[str] = None,
     from matplotlib.ticker import FuncFormatter
 
     runs = [load_run(d) for d in log_dirs]
-    if labels is not None:
-        if len(labels) != len(runs):
-            raise PlotError(f"{len(labels)} labels for {len(runs)} runs")
-        for run, label in zip(runs, labels):
-            run["label"] = label
+    if labels is not None and len(labels) != len(runs):
+        raise PlotError(f"{len(labels)} labels for {len(runs)} runs")
+    for run, label in zip(runs, labels if labels is not None else run_labels(log_dirs)):
+        run["label"] = label
     all_domains: List[str] = []
     for run in runs:
-        all_domains += [d for d in run["domains"] if d not in all_domains]
+        all_domains += [d for d in run["domains"] + run["held_out"] if d not in all_domains]
     cmap = plt.get_cmap("tab10" if len(all_domains) <= 10 else "tab20")
     colours = {name: cmap(i % cmap.N) for i, name in enumerate(all_domains)}
 
     n = len(runs)
-    fig, axes = plt.subplots(2, n, figsize=(5.5 * n + 1.5, 7.5), squeeze=False, sharex="col")
+    fig, axes = plt.subplots(2, n, figsize=(5.5 * n + 2.5, 7.5), squeeze=False, sharex="col")
     for col, run in enumerate(runs):
         ax_w, ax_p = axes[0][col], axes[1][col]
         domains = run["domains"]
@@ -116,7 +150,13 @@ def plot_runs(log_dirs: Sequence[str], output: str, title: Optional[str] = None,
                 ppl = [e["domains"].get(d, {}).get("ppl", float("nan")) for e in run["eval"]]
                 ax_p.plot(steps, ppl, marker="o", ms=3, color=colours[d], label=d)
             avg = [e.get("average", {}).get("ppl", float("nan")) for e in run["eval"]]
-            ax_p.plot(steps, avg, color="black", ls="--", lw=1.5, label="average")
+            ax_p.plot(steps, avg, **AVERAGE_STYLE)
+            for d in run["held_out"]:
+                ppl = [e.get("held_out", {}).get(d, {}).get("ppl", float("nan")) for e in run["eval"]]
+                ax_p.plot(steps, ppl, marker="o", ms=3, color=colours[d], **HELD_OUT_STYLE)
+            if run["held_out"]:
+                avg = [(e.get("held_out_average") or {}).get("ppl", float("nan")) for e in run["eval"]]
+                ax_p.plot(steps, avg, **HELD_OUT_AVERAGE_STYLE)
             ax_p.set_yscale("log")
             ax_p.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
             ax_p.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
@@ -126,22 +166,28 @@ def plot_runs(log_dirs: Sequence[str], output: str, title: Optional[str] = None,
         ax_p.set_ylabel("validation perplexity")
         ax_p.grid(True, alpha=0.3, which="both")
 
+    from matplotlib.lines import Line2D
+
     handles = [plt.Rectangle((0, 0), 1, 1, color=colours[d]) for d in all_domains]
-    fig.legend(handles, all_domains, loc="center right", title="domain", frameon=False)
+    names = list(all_domains)
+    if any(run["eval"] for run in runs):
+        handles.append(Line2D([], [], **AVERAGE_STYLE))
+        names.append(AVERAGE_STYLE["label"])
+    if any(run["held_out"] for run in runs):
+        handles += [Line2D([], [], color="grey", **HELD_OUT_STYLE), Line2D([], [], **HELD_OUT_AVERAGE_STYLE)]
+        names += ["held-out domain (dotted)", HELD_OUT_AVERAGE_STYLE["label"]]
+    fig.legend(handles, names, loc="center right", title="domain", frameon=False)
     if title:
         fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0, 1 - 1.4 / (5.5 * n + 1.5), 1))
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    fig.savefig(output, dpi=110)
-    plt.close(fig)
-    return output
+    fig.tight_layout(rect=(0, 0, 1 - 2.2 / (5.5 * n + 2.5), 1))
+    return fig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("log_dirs", nargs="+", metavar="LOG_DIR", help="--log-dir of one or more training runs")
     parser.add_argument("--output", "-o", default=None,
                         help="PNG path (default: LOG_DIR/odm_plot.png for one run, ./odm_plot.png for several)")
-    parser.add_argument("--title", default=None)
+    parser.add_argument("--title", default=None, help="a title above the figure (default: none)")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -216,12 +216,11 @@ def run_training(args: argparse.Namespace) -> TrainSummary:
         nonlocal last_eval, evaluated_at
         if data.valid_datasets is None:
             return
-        results, average = evaluate(model, data.valid_datasets, names, args, env)
-        last_eval = {"step": at, "domains": results, "average": average}
+        last_eval = evaluate(model, data.valid_datasets, data.valid.domain_names, names, args, env, at)
         evaluated_at = at
-        metrics.log_eval(at, results, average)
+        metrics.log_eval(last_eval)
         if log_rank:
-            logger.info(console_eval_line(at, results, average))
+            logger.info(console_eval_line(last_eval))
 
     def save(at: int) -> None:
         nonlocal last_saved
