@@ -4,8 +4,12 @@ DeepSpeed owns the model, the optimizer and the checkpoint; the mixer owns the s
 the bandit. Three things must stay in step for a run to resume exactly, and this module is the
 few lines that keep them so::
 
+    parser = argparse.ArgumentParser()
+    add_odm_args(parser)                       # --odm-policy --odm-prior --odm-update-interval ... (as everywhere)
+    args = parser.parse_args()
+    odm = OdmConfig.from_args(args)            # validated once; ConfigError names the flag
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
-    mixer = OnlineMixer(MixerConfig(names, seed, global_batch_size=engine.train_batch_size(), ...), ...)
+    mixer = odm_ds.build_mixer(odm, dataset, engine, seed)                      # the engine's batch size and device
     load_path, client_state = odm_ds.load_checkpoint(engine, ckpt_dir, mixer)   # (None, None): fresh run
     loader = odm_ds.build_dataloader(dataset, mixer, engine)                    # starts where the mixer is
     for batch in loader:                                                       # one micro-batch
@@ -17,6 +21,10 @@ few lines that keep them so::
         if time_to_save:                                                       #   every update_interval steps
             odm_ds.save_checkpoint(engine, ckpt_dir, mixer)                    # every rank (collective)
 
+- :func:`build_mixer` takes the global batch size from the engine (``train_batch_size()``, which
+  :func:`build_dataloader` checks) and the loss device from ``engine.device``; building
+  ``OnlineMixer(MixerConfig(...), prior, ...)`` by hand keeps working (``OdmConfig.mixer_config``
+  and ``OdmConfig.resolve_prior`` give both from the same settings);
 - the bandit state travels in DeepSpeed's ``client_state`` under :data:`ODM_CLIENT_STATE_KEY`
   (plain Python, so it loads under ``torch.load(weights_only=True)``);
 - the data loader's start (``consumed_samples``) is derived from the restored mixer, not passed
@@ -31,17 +39,22 @@ its own ``DistributedSampler``; use :func:`build_dataloader` instead.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+import numbers
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
 
+from odm_megatron.config import OdmConfig, add_odm_args
 from odm_megatron.dataset import OnlineBlendedDataset
-from odm_megatron.errors import CheckpointError
+from odm_megatron.errors import CheckpointError, ConfigError
 from odm_megatron.mixer import OnlineMixer, UpdateRecord
 from odm_megatron.sampler import OnlineMixingBatchSampler
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["OdmConfig", "add_odm_args", "build_mixer", "build_dataloader", "step_end", "save_checkpoint",
+           "load_checkpoint", "data_parallel_layout", "OdmCheckpointError", "ODM_CLIENT_STATE_KEY"]
 
 ODM_CLIENT_STATE_KEY = "odm"
 """Key of the bandit state in DeepSpeed's ``client_state``."""
@@ -68,6 +81,39 @@ def data_parallel_layout(engine: Any) -> DataParallelLayout:
         return 0, size
     group = getattr(engine, "data_parallel_group", None)
     return dist.get_rank(group=group), size
+
+
+def build_mixer(
+    odm: OdmConfig,
+    dataset: OnlineBlendedDataset,
+    engine_or_global_batch_size: Union[Any, int],
+    seed: Optional[int] = None,
+    natural_weights: Optional[Sequence[float]] = None,
+    device: Optional[Union[str, torch.device]] = None,
+) -> OnlineMixer:
+    """The mixer for ``dataset`` with the user's ``--odm-*`` settings (:class:`OdmConfig`).
+
+    ``engine_or_global_batch_size``: a DeepSpeed engine (its ``train_batch_size()`` and
+    ``device``) or the global batch size. ``seed`` defaults to the dataset's; "natural" in
+    ``--odm-prior`` means ``natural_weights`` if given, else each domain's number of samples.
+    Raises :class:`~odm_megatron.errors.ConfigError` (a prior of the wrong length, domain names
+    that differ from the dataset's, ...).
+    """
+    names = list(dataset.domain_names)
+    if odm.domain_names is not None and list(odm.domain_names) != names:
+        raise ConfigError(f"--odm-domain-names {odm.domain_names} differ from the dataset's domains {names}")
+    if isinstance(engine_or_global_batch_size, numbers.Integral):
+        global_batch_size = engine_or_global_batch_size
+    else:
+        engine = engine_or_global_batch_size
+        global_batch_size = int(engine.train_batch_size())
+        if device is None:
+            device = getattr(engine, "device", None)
+    natural = dataset.num_samples_per_domain if natural_weights is None else natural_weights
+    prior = odm.resolve_prior(names, natural)
+    config = odm.mixer_config(names, seed=dataset.seed if seed is None else int(seed),
+                              global_batch_size=global_batch_size)
+    return OnlineMixer(config, prior=prior, num_samples_per_domain=dataset.num_samples_per_domain, device=device)
 
 
 def build_dataloader(

@@ -1,10 +1,12 @@
 """Flags of ``odm-megatron train``, named as Megatron-LM names them, and their validation.
 
 Megatron users can carry their flags over (``--num-layers``, ``--global-batch-size``,
-``--data-path W1 P1 W2 P2``, ...); the ODM-specific ones (``--policy``, ``--prior``,
-``--update-interval``, ``--odm-*``) are added on top. :func:`validate_args` turns every
-inconsistency it can see before anything is built into a :class:`ConfigError` with a one-line
-message, which the CLI prints and exits with code 2.
+``--data-path W1 P1 W2 P2``, ...); the mixing flags are the ``--odm-*`` ones every front end shares
+(:func:`odm_megatron.config.add_odm_args`; the older ``--policy``, ``--prior`` and
+``--update-interval`` stay as aliases). :func:`validate_args` turns every inconsistency it can see
+before anything is built into a :class:`ConfigError` with a one-line message, which the CLI
+prints and exits with code 2; it leaves the validated mixing settings in ``args.odm_config``
+(an :class:`~odm_megatron.config.OdmConfig`).
 """
 from __future__ import annotations
 
@@ -12,15 +14,23 @@ import argparse
 import os
 from typing import List, Optional
 
-from odm_megatron.options import add_policy_hyperparameter_args
-from odm_megatron.options import non_negative_int as _non_negative_int
-from odm_megatron.policy import DEFAULT_POLICY, POLICIES
+from odm_megatron.config import OdmConfig, add_odm_args
+from odm_megatron.errors import ConfigError
+from odm_megatron.policy import POLICIES
 
 POLICY_CHOICES = tuple(POLICIES)
 
+__all__ = ["ConfigError", "add_arguments", "validate_args", "parse_data_path", "world_size_from_env"]
 
-class ConfigError(ValueError):
-    """A bad flag or an inconsistent combination of flags/inputs (exit code 2)."""
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -79,17 +89,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--num-workers", type=_non_negative_int, default=0, help="data loader workers per rank")
     g.add_argument("--distributed-backend", choices=("auto", "gloo", "nccl"), default="auto",
                    help="auto: nccl with GPUs, gloo without")
-    g.add_argument("--distributed-timeout-minutes", type=_positive_int, default=10)
+    g.add_argument("--distributed-timeout-minutes", type=_positive_int, default=10,
+                   help="how long a collective (all-reduce, barrier) may wait for the other ranks before "
+                        "the job fails (default: 10)")
+    g.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                   help="torch CPU threads per process (torch.set_num_threads); on a busy or shared CPU fewer "
+                        "threads than cores is often faster (default: torch's own choice)")
 
     g = parser.add_argument_group("data")
     src = g.add_mutually_exclusive_group()
     src.add_argument("--manifest", default=None, help="DIR/manifest.json written by `odm-megatron preprocess`")
     src.add_argument("--data-path", nargs="+", default=None, metavar="W PREFIX",
-                     help="Megatron-style 'W1 PREFIX1 W2 PREFIX2 ...'; the weights are the prior")
+                     help="Megatron-style 'W1 PREFIX1 W2 PREFIX2 ...'; the weights are the natural prior "
+                          "(--odm-prior natural)")
     vsrc = g.add_mutually_exclusive_group()
-    vsrc.add_argument("--valid-manifest", default=None, help="manifest of the held-out split (same domains)")
+    vsrc.add_argument("--valid-manifest", default=None,
+                      help="manifest of the validation split (same tokenizer; any domains: trained ones are the "
+                           "headline, untrained ones are reported as held-out)")
     vsrc.add_argument("--valid-data-path", nargs="+", default=None, metavar="PREFIX",
-                      help="held-out prefixes (optionally 'W PREFIX' pairs; weights ignored), one per domain")
+                      help="validation prefixes (optionally 'W PREFIX' pairs; weights ignored); domain names "
+                           "come from the prefixes, as with --data-path")
     g.add_argument("--vocab-size", type=_positive_int, default=None,
                    help="tokenizer vocabulary size (with --data-path; a manifest records it)")
     g.add_argument("--eod-id", type=_non_negative_int, default=None,
@@ -97,18 +116,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--data-cache-path", default=None,
                    help="where megatron-core caches its dataset indices (default: next to the data)")
 
-    g = parser.add_argument_group("online data mixing")
-    g.add_argument("--policy", choices=POLICY_CHOICES, default=DEFAULT_POLICY,
-                   help="odm-exp3: the paper's EXP3; smoothed-mean: the ODM reference code's policy; "
-                        "odm-progress: learning-progress reward (the default, chosen by the benchmark in "
-                        "docs/benchmarks.md); static: the prior")
-    g.add_argument("--prior", default="natural",
-                   help="natural (tokens per domain, or the --data-path weights), uniform, W1,W2,... in "
-                        "domain order, or FILE.json ({domain: weight})")
-    g.add_argument("--update-interval", type=_positive_int, default=1, help="optimizer steps per policy update")
-    add_policy_hyperparameter_args(g)
-    g.add_argument("--odm-lag", type=_positive_int, default=2,
-                   help="steps between a loss window closing and its weights taking effect")
+    g = parser.add_argument_group(
+        "online data mixing", "the same --odm-* flags as the Megatron-LM integration; --policy, --prior and "
+        "--update-interval are aliases of --odm-policy, --odm-prior and --odm-update-interval")
+    add_odm_args(g, aliases=True)
 
     g = parser.add_argument_group("evaluation")
     g.add_argument("--eval-interval", type=_non_negative_int, default=None,
@@ -238,10 +249,18 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None,
     if args.weight_decay < 0:
         raise ConfigError("--weight-decay must be >= 0")
 
-    if args.odm_alpha is not None and not 0.0 <= args.odm_alpha <= 1.0:
-        raise ConfigError(f"--odm-alpha must be in [0, 1], got {args.odm_alpha}")
-    if args.prior not in ("natural", "uniform") and not os.path.isfile(args.prior):
-        raise ConfigError(f"--prior: expected natural, uniform or a JSON file; {args.prior!r} does not exist")
+    args.odm_config = OdmConfig.from_args(args)  # every mixing rule, checked once (config.py)
+    if args.odm_domain_names is not None:
+        raise ConfigError("--odm-domain-names is for the Megatron-LM integration: odm-megatron train names "
+                          "the domains from the manifest or the --data-path prefixes")
+    if args.odm_log is not None:
+        raise ConfigError("--odm-log is for the Megatron-LM integration: odm-megatron train writes "
+                          "mixture.jsonl under --log-dir")
+    if args.data_path is not None:  # the domains are known now: check the prior against them early
+        from odm_megatron.dataset import domain_name_from_prefix
+
+        weights, prefixes = parse_data_path(args.data_path)
+        args.odm_config.resolve_prior([domain_name_from_prefix(p) for p in prefixes], weights)
 
     if args.eval_interval is None:
         args.eval_interval = max(1, args.train_iters // 10)
