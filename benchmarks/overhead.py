@@ -764,12 +764,12 @@ def bench_online_index(st: Settings) -> Dict[str, Any]:
                 if cursors[d] > 0:
                     ds.sample_index(d, int(cursors[d]) - 1)
             epochs = (cursors // sizes).tolist()
-            lookahead_steps = len(mixer._lookahead)
+            lookahead_steps = mixer.stream.steps_drawn_ahead
             snapshots[str(step + 1)] = {
                 "mixer_state_bytes": deep_bytes(mixer),
                 "epoch_order_cache_bytes": deep_bytes(ds._epoch_orders),
                 "state_dict_json_bytes": len(json.dumps(mixer.state_dict(), default=_jsonable)),
-                "schedule_entries": len(mixer._schedule_steps),
+                "schedule_entries": len(mixer.schedule),
                 "lookahead_steps": lookahead_steps,
                 "domains_past_first_epoch": int(sum(e > 0 for e in epochs)),
                 "epochs_per_domain": epochs,
