@@ -7,6 +7,10 @@ step 0. An online mixer cannot have that. Here each domain is an ordinary one-ep
 :class:`OnlineBlendedDataset` is addressed by *keys* ``(dataset_id, position)`` that the
 :class:`~odm_megatron.mixer.OnlineMixer` hands out, ``position`` being how many samples that
 domain had served before. The dataset itself is stateless, so DataLoader workers can serve it.
+
+Index caches are keyed by content: each domain's cache lives in a subdirectory named by its
+``.idx`` sha256 and ``.bin`` size (:func:`content_keyed_cache_dir`), so a shard re-made by
+``preprocess --overwrite`` never meets the sample index of the shard it replaced.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import contextlib
 import gc
 import logging
 import os
+import struct
 import sys
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -104,6 +109,59 @@ def _check_prefix(prefix: str, name: str) -> None:
             f"domain {name!r}: indexed dataset not found: missing {', '.join(missing)} "
             f"(prefix {prefix!r}; make shards with `odm-megatron preprocess`)"
         )
+    problem = index_bin_mismatch(prefix)
+    if problem:
+        raise DatasetBuildError(f"domain {name!r}: cannot read indexed dataset {prefix!r}: {problem}; re-run `odm-megatron preprocess` "
+                                f"or restore the matching .bin/.idx pair")
+
+
+_IDX_HEADER = b"MMIDIDX\x00\x00"
+_IDX_FIXED = 34  # header 9 + version 8 + dtype code 1 + sequence count 8 + document count 8
+_DTYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 8, 7: 4, 8: 2}  # megatron-core DType codes -> bytes
+
+
+def index_bin_mismatch(prefix: str) -> Optional[str]:
+    """Why ``prefix``.idx does not describe ``prefix``.bin, or None. Needs no manifest and reads
+    only the .idx header and its last pointer: the .bin must end exactly where the index's last
+    sequence does (a truncated .bin, or an .idx from a larger shard, fails), and the .idx must
+    have the size its own counts imply."""
+    idx, bin_ = prefix + ".idx", prefix + ".bin"
+    idx_size, bin_size = os.path.getsize(idx), os.path.getsize(bin_)
+    with open(idx, "rb") as f:
+        head = f.read(_IDX_FIXED)
+        if len(head) < _IDX_FIXED or head[:9] != _IDX_HEADER:
+            return f"{idx} is not a megatron-core index (bad header)"
+        version, code, sequences, documents = struct.unpack("<QBQQ", head[9:])
+        itemsize = _DTYPE_SIZES.get(code)
+        if version != 1 or itemsize is None:
+            return f"{idx} has an unknown version {version} or dtype code {code}"
+        expected = _IDX_FIXED + 12 * sequences + 8 * documents
+        if idx_size not in (expected, expected + sequences):  # + 1 byte per sequence: multimodal
+            return f"{idx} is {idx_size:,} bytes, its counts imply {expected:,} (truncated or corrupt)"
+        if sequences == 0:
+            end = 0
+        else:
+            f.seek(_IDX_FIXED + 4 * (sequences - 1))
+            (last_length,) = struct.unpack("<i", f.read(4))
+            f.seek(_IDX_FIXED + 4 * sequences + 8 * (sequences - 1))
+            (last_pointer,) = struct.unpack("<q", f.read(8))
+            end = last_pointer + last_length * itemsize
+    if end != bin_size:
+        how = "truncated" if bin_size < end else "longer"
+        return (f"{bin_} is {bin_size:,} bytes but {idx} indexes {end:,} ({how} .bin, or an .idx that "
+                f"belongs to another shard)")
+    return None
+
+
+def content_keyed_cache_dir(prefix: str, path_to_cache: Optional[str]) -> str:
+    """``<cache>/<shard name>-<.idx sha256[:16]>-<.bin bytes>``, where ``<cache>`` is
+    ``path_to_cache`` or ``cache/`` next to the shard (megatron-core's own default keys its cache
+    files by path and settings only, so a re-made shard would meet the old sample index)."""
+    from odm_megatron.manifest import file_sha256
+
+    base = path_to_cache or os.path.join(os.path.dirname(os.path.abspath(prefix)), "cache")
+    key = f"{os.path.basename(prefix)}-{file_sha256(prefix + '.idx')[:16]}-{os.path.getsize(prefix + '.bin')}"
+    return os.path.join(base, key)
 
 
 @contextlib.contextmanager
@@ -178,6 +236,8 @@ def _config_for_prefix(config: GPTDatasetConfig, prefix: str) -> GPTDatasetConfi
         for f in config.__dataclass_fields__
         if config.__dataclass_fields__[f].init and f not in ("blend", "blend_per_split")
     }
+    if not getattr(config, "mock", False):
+        fields["path_to_cache"] = content_keyed_cache_dir(prefix, config.path_to_cache)
     return GPTDatasetConfig(**{**fields, "blend": ([prefix], None)})
 
 

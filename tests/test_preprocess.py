@@ -238,8 +238,8 @@ def _truncated_zst(tmp_path, records):
 def test_truncated_zst_is_counted_and_complete_lines_kept(env, tmp_path, capsys):
     records = env["records"]
     path = _truncated_zst(tmp_path, records)
-    rc, io = preprocess(["--input", path, "--tokenizer-model", env["model"], "--output-dir", tmp_path / "o"],
-                        capsys)
+    rc, io = preprocess(["--input", path, "--tokenizer-model", env["model"], "--output-dir", tmp_path / "o",
+                         "--allow-truncated-input"], capsys)
     assert rc == 0
     raw = json.load(open(tmp_path / "o" / "manifest.json"))
     skipped = raw["skipped"]

@@ -27,6 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strict", action="store_true",
                         help="stop at the first bad line (bad JSON or UTF-8, missing domain, empty or non-string "
                              "text, truncated stream) with its file and line, instead of counting and skipping it")
+    parser.add_argument("--allow-truncated-input", action="store_true",
+                        help="a .zst/.gz input that ends early or is corrupt is an error (naming the file and "
+                             "how far it got); with this flag the lines read before the damage are kept, "
+                             "with a warning, and the loss is counted in the manifest")
     parser.add_argument("--overwrite", action="store_true",
                         help="allow a non-empty output directory; its manifest and *_text_document.bin/.idx "
                              "files are removed first, other files are kept")
@@ -50,6 +54,7 @@ def main(args: argparse.Namespace) -> int:
             append_eod=args.append_eod,
             strict=args.strict,
             overwrite=args.overwrite,
+            allow_truncated_input=args.allow_truncated_input,
             chunk_bytes=max(1, int(args.chunk_mb * (1 << 20))),
             progress=False if args.no_progress else None,
         )

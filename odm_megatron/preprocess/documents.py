@@ -37,6 +37,9 @@ def parse_lines(data: bytes, first_line: int, domain_key: DomainKey) -> Tuple[Li
         except ValueError as e:  # json.JSONDecodeError, or a number too large to convert
             skips.append((number, "invalid_json", str(e)[:120]))
             continue
+        except RecursionError:  # e.g. 100,000 '[': json's C parser gives up at the recursion limit
+            skips.append((number, "too_deeply_nested", f"{len(line):,} bytes"))
+            continue
         if not isinstance(obj, dict):
             skips.append((number, "not_an_object", type(obj).__name__))
             continue

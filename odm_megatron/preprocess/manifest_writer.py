@@ -33,7 +33,8 @@ def build_manifest(
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "odm_megatron_version": __version__,
         "domains": [
-            {"name": d.name, "prefix": d.prefix, "documents": d.documents, "tokens": d.tokens} for d in ordered
+            {"name": d.name, "prefix": d.prefix, "documents": d.documents, "tokens": d.tokens, **d.record}
+            for d in ordered
         ],
         "tokenizer": tokenizer,
         "inputs": inputs,

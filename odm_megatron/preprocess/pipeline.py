@@ -58,6 +58,7 @@ class PreprocessConfig:
     append_eod: bool = False
     strict: bool = False
     overwrite: bool = False
+    allow_truncated_input: bool = False  # keep what a truncated/corrupt compressed input gave, with a warning
     chunk_bytes: int = 1 << 20
     progress: Optional[bool] = None  # None: a bar only when stderr is a terminal
     start_method: Optional[str] = None  # None: fork where available, else spawn
@@ -88,6 +89,7 @@ class InputStats:
     lines: int = 0
     documents: int = 0
     tokens: int = 0
+    text_bytes: int = 0  # decompressed bytes handed on
 
 
 @dataclass
@@ -136,6 +138,7 @@ def run_preprocess(config: PreprocessConfig) -> PreprocessResult:
             for item in results:
                 if isinstance(item, StreamProblem):
                     stats = inputs[item.file_index]
+                    _stream_problem(config, stats, item)
                     _skip(config, skipped, stats.path, item.line, item.reason, item.detail)
                     progress.update(stats, item.raw_position, 0, 0, 0)
                     continue
@@ -147,6 +150,7 @@ def run_preprocess(config: PreprocessConfig) -> PreprocessResult:
                 stats.lines += chunk.num_lines
                 stats.documents += len(result.domains)
                 stats.tokens += len(result.tokens)
+                stats.text_bytes += len(chunk.data)
                 input_bytes += len(chunk.data)
                 progress.update(stats, chunk.raw_position, len(result.domains), len(result.tokens), len(chunk.data))
             if not writer.stats:
@@ -177,6 +181,20 @@ def run_preprocess(config: PreprocessConfig) -> PreprocessResult:
     logger.info("wrote %d domains, %d documents, %d tokens to %s in %.1f s", len(domains),
                 manifest["totals"]["documents"], manifest["totals"]["tokens"], path, seconds)
     return PreprocessResult(path, manifest, skipped, seconds, input_bytes, inputs)
+
+
+def _stream_problem(config: PreprocessConfig, stats: InputStats, problem: StreamProblem) -> None:
+    """A truncated or corrupt compressed input: an error unless --allow-truncated-input (a
+    truncated download of a tens-of-GB file must not pass as a complete corpus)."""
+    where = (f"{problem.detail}: stopped at line {problem.line:,} after {problem.line - 1:,} complete lines "
+             f"({stats.text_bytes:,} bytes decompressed from {problem.raw_position:,} of the file's "
+             f"{stats.size:,} bytes)")
+    if config.strict:
+        return  # --strict reports it as the bad line it is
+    if not config.allow_truncated_input:
+        raise InputError(f"{stats.path}: {where}; re-download or repair the file, or pass "
+                         f"--allow-truncated-input to keep the lines read so far")
+    logger.warning("%s: %s; keeping the lines read so far (--allow-truncated-input)", stats.path, where)
 
 
 def _skip(config: PreprocessConfig, skipped: SkipRecord, path: str, line: int, reason: str, detail: str) -> None:

@@ -12,7 +12,6 @@ truncated stream is dropped and reported as a :class:`StreamProblem` at its line
 """
 from __future__ import annotations
 
-import gzip
 import os
 import zlib
 from dataclasses import dataclass
@@ -172,14 +171,29 @@ def _zstd_blocks(raw: BinaryIO) -> Iterator[bytes]:
 
 
 def _gzip_blocks(raw: BinaryIO) -> Iterator[bytes]:
-    stream = gzip.GzipFile(fileobj=raw, mode="rb")
+    """Members decoded incrementally (as for zstd), so that a truncated file yields everything
+    before the break, and the end of the input is checked to fall on a member boundary."""
+    obj = zlib.decompressobj(wbits=31)
+    in_member = False
     while True:
-        try:
-            out = stream.read(_READ_BYTES * 4)
-        except EOFError:
-            raise _StreamError(TRUNCATED_STREAM, "gzip stream ends early (file truncated?)") from None
-        except (gzip.BadGzipFile, zlib.error, OSError) as e:
-            raise _StreamError(CORRUPT_STREAM, f"gzip: {e}") from None
-        if not out:
-            return
-        yield out
+        data = raw.read(_READ_BYTES)
+        if not data:
+            break
+        while data:
+            if not in_member and not data.strip(b"\x00"):
+                data = b""  # zero padding after the last member (tar-like writers), as gzip allows
+                break
+            try:
+                out = obj.decompress(data)
+            except zlib.error as e:
+                raise _StreamError(CORRUPT_STREAM, f"gzip: {e}") from None
+            in_member = True
+            if out:
+                yield out
+            if not obj.eof:
+                break
+            data = obj.unused_data  # the next member starts here
+            obj = zlib.decompressobj(wbits=31)
+            in_member = False
+    if in_member:
+        raise _StreamError(TRUNCATED_STREAM, "gzip stream ends early (file truncated?)")

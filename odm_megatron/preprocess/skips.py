@@ -14,6 +14,7 @@ REASONS: Dict[str, str] = {
     "blank_line": "empty or whitespace-only line",
     "invalid_utf8": "line (or its text) is not valid UTF-8",
     "invalid_json": "line is not valid JSON",
+    "too_deeply_nested": "JSON nested too deeply to parse",
     "not_an_object": "JSON value is not an object",
     "missing_domain": "the domain key is absent or null",
     "invalid_domain": "the domain value is not a non-empty string",

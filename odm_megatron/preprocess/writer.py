@@ -110,6 +110,8 @@ class DomainStats:
     prefix: str
     documents: int = 0
     tokens: int = 0
+    max_token_id: int = -1
+    record: Dict[str, object] = field(default_factory=dict)  # sizes and .idx sha256, after commit
 
 
 @dataclass
@@ -122,6 +124,7 @@ class ShardWriter:
     stats: Dict[str, DomainStats] = field(default_factory=dict)
     _builders: Dict[str, object] = field(default_factory=dict, repr=False)
     _closed: bool = field(default=False, repr=False)
+    _committed: List[str] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         self._builder_cls = indexed_dataset_module().IndexedDatasetBuilder
@@ -155,6 +158,11 @@ class ShardWriter:
             raise RuntimeError("ShardWriter is closed")
         bounds = offsets.tolist()
         tensor = torch.from_numpy(tokens)
+        lengths = np.diff(offsets)
+        if len(domains) and lengths.min() > 0:  # the largest id of each document, for the manifest
+            doc_max = np.maximum.reduceat(tokens, offsets[:-1]).tolist()
+        else:
+            doc_max = [int(tokens[s:e].max()) if e > s else -1 for s, e in zip(bounds[:-1], bounds[1:])]
         for i, domain in enumerate(domains):
             builder = self._builders.get(domain)
             if builder is None:
@@ -164,6 +172,8 @@ class ShardWriter:
             stats = self.stats[domain]
             stats.documents += 1
             stats.tokens += end - start
+            if doc_max[i] > stats.max_token_id:
+                stats.max_token_id = doc_max[i]
 
     def commit(self) -> List[DomainStats]:
         """Write every index and rename the shards to their final names; sorted by domain name."""
@@ -175,8 +185,24 @@ class ShardWriter:
             prefix = self.stats[domain].prefix
             for ext in (".bin", ".idx"):
                 os.replace(self._path(prefix, ext + PARTIAL), self._path(prefix, ext))
+            self._committed.append(prefix)
         self._builders.clear()
+        from odm_megatron.manifest import shard_record
+
+        for stats in self.stats.values():  # what train checks its shards against
+            stats.record = shard_record(os.path.join(self.output_dir, stats.prefix), stats.max_token_id)
         return [self.stats[d] for d in sorted(self.stats)]
+
+    def remove_committed(self) -> None:
+        """Delete the shards :meth:`commit` renamed (the manifest could not be written: without it
+        they must not stay behind looking like a finished run's)."""
+        for prefix in self._committed:
+            for ext in (".bin", ".idx"):
+                try:
+                    os.remove(self._path(prefix, ext))
+                except OSError:
+                    pass
+        self._committed.clear()
 
     def abort(self) -> None:
         """Close and delete the partial files (after an error or an interrupt)."""

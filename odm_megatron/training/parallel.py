@@ -12,7 +12,6 @@ import inspect
 import logging
 import os
 import random
-import socket
 from dataclasses import dataclass
 from typing import Optional
 
@@ -52,12 +51,6 @@ class ParallelEnv:
         return self.pp_rank == self.pp_size - 1
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def setup_parallel(tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, seed: int = 1234,
                    backend: str = "auto", timeout_minutes: int = 10) -> ParallelEnv:
     """Initialise torch.distributed (always, also for one process: the mixer's collectives and
@@ -81,11 +74,12 @@ def setup_parallel(tensor_parallel_size: int = 1, pipeline_parallel_size: int = 
     global _CREATED_PROCESS_GROUP, _CREATED_MODEL_PARALLEL
     if not dist.is_initialized():
         _CREATED_PROCESS_GROUP = True
-        if "MASTER_ADDR" not in os.environ:
-            os.environ["MASTER_ADDR"] = "127.0.0.1"
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        os.environ.setdefault("MASTER_PORT", "29500")
         kwargs = {}
+        if "MASTER_ADDR" not in os.environ and world_size == 1:
+            # One process, not launched: an in-memory store, no TCP port to pick (a free port found
+            # here could be taken by another program before the store binds it: EADDRINUSE).
+            kwargs["store"] = dist.HashStore()
+        os.environ.setdefault("MASTER_PORT", "29500")
         if backend == "nccl" and "device_id" in inspect.signature(dist.init_process_group).parameters:
             kwargs["device_id"] = device  # binds the communicator to this GPU eagerly (torch >= 2.3)
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size,

@@ -1,0 +1,239 @@
+"""Data reliability: shards checked at start-up, content-keyed index caches, hostile input lines,
+truncated compressed inputs, unwritable outputs, non-finite losses, and processes that cannot
+clobber each other (docs/reliability.md, section "Data, preprocessing and processes")."""
+from __future__ import annotations
+
+import errno
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from odm_megatron.cli import main as cli_main
+from odm_megatron.manifest import Manifest, shard_record
+from odm_megatron.preprocess.fixtures import jsonl_bytes, make_documents, write_corpus
+from odm_megatron.tokenizer import load_tokenizer
+
+from core_fixtures import write_indexed_dataset
+from fixtures_corpus import read_shard, train_test_tokenizer
+from training_fixtures import REPO, TINY_MODEL, VOCAB_SIZE, make_corpus, read_jsonl, run_cli
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    work = tmp_path_factory.mktemp("tok")
+    return train_test_tokenizer(str(work), make_documents(seed=10))
+
+
+def _preprocess(capsys, *args):
+    rc = cli_main(["preprocess", "--no-progress", *[str(a) for a in args]])
+    return rc, capsys.readouterr()
+
+
+def _one_line_error(io, rc, *needles):
+    assert rc == 2, (rc, io.out[-2000:], io.err[-2000:])
+    lines = [line for line in io.err.strip().splitlines() if "error:" in line]
+    assert len(lines) == 1 and "Traceback" not in io.err, io.err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+# --- 9. hostile JSON lines ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_deeply_nested_line_is_a_counted_bad_line(tok, tmp_path, capsys, workers):
+    records = make_documents(seed=1)
+    nested_meta = b'{"text": "deep meta", "meta": ' + b"[" * 100_000 + b"}"
+    lines = [json.dumps(r).encode() for r in records[:10]] + [b"[" * 100_000, nested_meta] + [
+        json.dumps(r).encode() for r in records[10:]]
+    corpus = tmp_path / "deep.jsonl"
+    corpus.write_bytes(b"\n".join(lines) + b"\n")
+    rc, io = _preprocess(capsys, "--input", corpus, "--tokenizer-model", tok, "--output-dir", tmp_path / "o",
+                         "--workers", workers, "--chunk-mb", "0.05")
+    assert rc == 0, io.err[-3000:]
+    assert "RecursionError" not in io.err + io.out
+    skipped = json.load(open(tmp_path / "o" / "manifest.json"))["skipped"]
+    assert list(skipped) == ["too_deeply_nested"] and skipped["too_deeply_nested"]["count"] == 2
+    assert [n for _, n in skipped["too_deeply_nested"]["first"]] == [11, 12]
+    assert json.load(open(tmp_path / "o" / "manifest.json"))["totals"]["documents"] == len(records)
+
+
+# --- 11. truncated or corrupt compressed inputs -------------------------------------------------
+
+def _truncated(tmp_path, kind):
+    records = make_documents(seed=2)
+    if kind == "zst":
+        path = write_corpus(str(tmp_path / "t.jsonl.zst"), records, frames=3)
+        blob = open(path, "rb").read()
+        open(path, "wb").write(blob[: len(blob) * 2 // 3])
+    elif kind == "gz":
+        path = str(tmp_path / "t.jsonl.gz")
+        blob = gzip.compress(jsonl_bytes(records))
+        open(path, "wb").write(blob[: len(blob) // 2])
+    else:  # corrupt zstd: garbage in the middle of a frame
+        path = write_corpus(str(tmp_path / "c.jsonl.zst"), records, frames=3)
+        blob = bytearray(open(path, "rb").read())
+        blob[len(blob) * 2 // 3: len(blob) * 2 // 3 + 64] = b"\xff" * 64
+        open(path, "wb").write(bytes(blob))
+    return path, records
+
+
+@pytest.mark.parametrize("kind", ["zst", "gz", "corrupt-zst"])
+def test_truncated_compressed_input_is_an_error_unless_allowed(tok, tmp_path, capsys, caplog, kind):
+    path, records = _truncated(tmp_path, kind)
+    rc, io = _preprocess(capsys, "--input", path, "--tokenizer-model", tok, "--output-dir", tmp_path / "o")
+    line = _one_line_error(io, rc, path, "complete lines", "bytes decompressed", "--allow-truncated-input")
+    assert not os.path.exists(tmp_path / "o" / "manifest.json")
+    assert not [n for n in os.listdir(tmp_path / "o") if n.endswith((".bin", ".idx", ".partial"))]
+    # the flag keeps the complete lines read, with a warning, and records the loss
+    rc, io = _preprocess(capsys, "--input", path, "--tokenizer-model", tok, "--output-dir", tmp_path / "k",
+                         "--allow-truncated-input")
+    assert rc == 0, io.err
+    assert "keeping the lines read so far (--allow-truncated-input)" in caplog.text
+    manifest = json.load(open(tmp_path / "k" / "manifest.json"))
+    reason = "corrupt_stream" if kind.startswith("corrupt") else "truncated_stream"
+    assert list(manifest["skipped"]) == [reason]
+    kept = manifest["totals"]["documents"]
+    assert 0 < kept < len(records)
+    assert f"after {kept:,} complete lines" in line
+
+
+# --- 5. shards checked against the manifest at start-up -----------------------------------------
+
+def _uneven_corpus(directory, vocab_size=VOCAB_SIZE, records=True):
+    """Three domains with different document counts and lengths (so their .idx files differ),
+    and a manifest as preprocess writes it (with shard records unless ``records`` is False)."""
+    os.makedirs(directory, exist_ok=True)
+    rng = np.random.default_rng(0)
+    entries = []
+    for i, (name, n_docs) in enumerate((("counting", 50), ("motif", 70), ("noise", 90))):
+        docs = [np.append(rng.integers(1, VOCAB_SIZE, size=int(rng.integers(40, 100))), 0) for _ in range(n_docs)]
+        prefix = os.path.join(directory, f"{name}_text_document")
+        write_indexed_dataset(prefix, docs)
+        entry = {"name": name, "prefix": f"{name}_text_document", "documents": n_docs,
+                 "tokens": int(sum(len(d) for d in docs))}
+        if records:
+            entry.update(shard_record(prefix))
+        entries.append(entry)
+    manifest = {"format": "odm-megatron-manifest", "version": 1, "domains": entries,
+                "tokenizer": {"path": "none.model", "type": "sentencepiece", "vocab_size": vocab_size, "eod_id": 0}}
+    path = os.path.join(directory, "manifest.json")
+    with open(path, "w") as f:
+        json.dump(manifest, f)
+    return path
+
+
+def _train_argv(manifest, *extra):
+    return ["train", "--manifest", str(manifest), *TINY_MODEL, "--global-batch-size", "8", "--train-iters", "2",
+            "--eval-interval", "0", *extra]
+
+
+def test_preprocess_records_what_train_checks(tok, tmp_path, capsys):
+    records = make_documents(seed=3)
+    corpus = write_corpus(str(tmp_path / "c.jsonl"), records)
+    rc, io = _preprocess(capsys, "--input", corpus, "--tokenizer-model", tok, "--output-dir", tmp_path / "o")
+    assert rc == 0, io.err
+    manifest = Manifest.load(str(tmp_path / "o"))
+    for d in manifest.domains:
+        assert d.has_shard_record
+        assert d.bin_bytes == os.path.getsize(d.prefix + ".bin") and d.idx_bytes == os.path.getsize(d.prefix + ".idx")
+        assert d.max_token_id == max(max(doc) for doc in read_shard(d.prefix))
+        assert d.idx_sha256 == shard_record(d.prefix)["idx_sha256"]
+    assert manifest.verify_shards() is True
+
+
+@pytest.mark.parametrize("damage", ["truncated-bin", "other-idx", "larger-idx-over-smaller-bin", "vocab"])
+def test_train_refuses_a_shard_that_is_not_the_one_recorded(tmp_path, capsys, damage):
+    manifest = _uneven_corpus(str(tmp_path / "d"), vocab_size=200 if damage == "vocab" else VOCAB_SIZE)
+    d = str(tmp_path / "d")
+    victim = os.path.join(d, "motif_text_document")
+    if damage == "truncated-bin":
+        with open(victim + ".bin", "r+b") as f:
+            f.truncate(os.path.getsize(victim + ".bin") - 10)
+        needles = ["truncated"]
+    elif damage == "other-idx":  # a smaller shard's index over this one
+        shutil.copy(os.path.join(d, "counting_text_document.idx"), victim + ".idx")
+        needles = [".idx is"]
+    elif damage == "larger-idx-over-smaller-bin":
+        shutil.copy(os.path.join(d, "noise_text_document.idx"), victim + ".idx")
+        needles = [".idx is"]
+    else:
+        victim = os.path.join(d, "counting_text_document")
+        needles = ["beyond the vocabulary of 200"]
+    rc = cli_main(_train_argv(manifest, "--log-dir", str(tmp_path / "logs")))
+    io = capsys.readouterr()
+    line = _one_line_error(io, rc, victim, *needles)
+    assert "domain" in line
+    assert not os.path.exists(tmp_path / "logs"), "refused before anything was built or written"
+
+
+@pytest.mark.parametrize("damage", ["truncated-bin", "larger-idx-over-smaller-bin"])
+def test_shard_structure_checked_without_a_manifest_record(tmp_path, capsys, caplog, damage):
+    """--data-path shards and older manifests (no records: a warning) still get the .idx/.bin check."""
+    manifest = _uneven_corpus(str(tmp_path / "d"), records=False)
+    d = str(tmp_path / "d")
+    victim = os.path.join(d, "motif_text_document")
+    if damage == "truncated-bin":
+        with open(victim + ".bin", "r+b") as f:
+            f.truncate(os.path.getsize(victim + ".bin") - 10)
+    else:
+        shutil.copy(os.path.join(d, "noise_text_document.idx"), victim + ".idx")
+    with caplog.at_level("WARNING"):
+        rc = cli_main(_train_argv(manifest))
+    io = capsys.readouterr()
+    _one_line_error(io, rc, victim + ".bin", "indexes")
+    assert "cannot be checked against the manifest" in caplog.text
+    rc = cli_main(["train", "--data-path", "1", os.path.join(d, "counting_text_document"), "1", victim,
+                   "--vocab-size", "256", "--eod-id", "0", *TINY_MODEL, "--global-batch-size", "8",
+                   "--train-iters", "2", "--eval-interval", "0"])
+    _one_line_error(capsys.readouterr(), rc, victim + ".bin")
+
+
+# --- 6. index caches keyed by content ------------------------------------------------------------
+
+def test_index_cache_follows_a_remade_shard(tok, tmp_path, capsys):
+    """preprocess; train (default cache next to the data); preprocess --overwrite with other data;
+    train again: the new shards' sample counts, no stale index, no IndexError."""
+    out = tmp_path / "data"
+    small = write_corpus(str(tmp_path / "a.jsonl"), make_documents(seed=4))
+    big = write_corpus(str(tmp_path / "b.jsonl"), make_documents(
+        {"Pile-CC": 90, "Wikipedia (en)": 60, "DM Mathematics": 40, "Github": 40, "Enron Emails": 12}, seed=5))
+    argv = ["train", "--manifest", str(out / "manifest.json"), "--num-layers", "1", "--hidden-size", "32",
+            "--num-attention-heads", "2", "--seq-length", "32", "--micro-batch-size", "4",
+            "--global-batch-size", "8", "--train-iters", "1", "--eval-interval", "0", "--no-tensorboard"]
+    counts = []
+    for corpus in (small, big):
+        rc, io = _preprocess(capsys, "--input", corpus, "--tokenizer-model", tok, "--output-dir", out, "--overwrite")
+        assert rc == 0, io.err
+        proc = run_cli(argv + ["--log-dir", str(tmp_path / f"logs{len(counts)}")])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "IndexError" not in proc.stderr
+        counts.append(_sample_counts(out, tmp_path / f"fresh{len(counts)}"))
+        assert os.path.isdir(out / "cache")  # the default cache, next to the data
+    assert counts[0] != counts[1]
+    # what train built (through the default cache) is what a fresh cache gives for the new shards
+    from odm_megatron.dataset import TokenizerSpec, build_domain_datasets, make_gpt_dataset_config
+
+    manifest = Manifest.load(str(out))
+    cfg = make_gpt_dataset_config(seed=1234, seq_length=32, tokenizer=TokenizerSpec(manifest.tokenizer.vocab_size,
+                                                                                   manifest.tokenizer.eod_id))
+    datasets = build_domain_datasets(manifest.prefixes, cfg, domain_names=manifest.domain_names)
+    assert [len(ds) for ds in datasets] == counts[1]
+    for ds in datasets:
+        ds[len(ds) - 1]  # the last sample exists in the new shard
+
+
+def _sample_counts(out, fresh_cache):
+    from odm_megatron.dataset import TokenizerSpec, build_domain_datasets, make_gpt_dataset_config
+
+    manifest = Manifest.load(str(out))
+    cfg = make_gpt_dataset_config(seed=1234, seq_length=32, path_to_cache=str(fresh_cache),
+                                  tokenizer=TokenizerSpec(manifest.tokenizer.vocab_size, manifest.tokenizer.eod_id))
+    return [len(ds) for ds in build_domain_datasets(manifest.prefixes, cfg, domain_names=manifest.domain_names)]
