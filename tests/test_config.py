@@ -255,3 +255,16 @@ def test_deepspeed_build_mixer(tmp_path):
     assert mixer.config.seed == 9 and mixer.policy.prior.tolist() == [0.25, 0.75]
     with pytest.raises(ConfigError, match="differ from the dataset's domains"):
         odm_ds.build_mixer(OdmConfig(domain_names=["a", "b"]), dataset, 4)
+
+
+def test_train_runs_with_a_weight_list_prior(tmp_path):
+    """End to end: `odm-megatron train --odm-policy static --odm-prior W1,W2,W3` samples with those weights."""
+    from training_fixtures import TINY_MODEL, make_corpus, read_jsonl, run_cli
+
+    manifest = make_corpus(str(tmp_path / "corpus"), docs_per_domain=8)  # counting, motif, noise
+    logs = str(tmp_path / "logs")
+    proc = run_cli(["train", "--manifest", manifest, *TINY_MODEL, "--train-iters", "2", "--no-tensorboard",
+                    "--odm-policy", "static", "--odm-prior", "2,1,1", "--log-dir", logs])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    weights = [row["weights"] for row in read_jsonl(os.path.join(logs, "mixture.jsonl"))]
+    assert weights and all(w == {"counting": 0.5, "motif": 0.25, "noise": 0.25} for w in weights), weights
