@@ -19,6 +19,8 @@ SUBCOMMANDS = {
     "preprocess": ("odm_megatron.preprocess.cli", "turn Pile-format jsonl(.zst/.gz) into per-domain Megatron .bin/.idx shards"),
     "train": ("odm_megatron.training.cli", "pretrain a megatron-core GPT with online data mixing"),
     "plot": ("odm_megatron.training.plot", "plot mixing weights and per-domain validation perplexity from log dirs"),
+    "megatron-lm": ("odm_megatron.integrations.megatron_lm.launcher",
+                    "run a Megatron-LM script (e.g. pretrain_gpt.py) unmodified, with online data mixing"),
 }
 
 

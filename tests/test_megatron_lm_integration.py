@@ -1,12 +1,11 @@
-"""Unit tests of ``odm_megatron.integrations.megatron_lm`` (the module the Megatron-LM patch
-calls), without Megatron-LM: a fake ``args`` namespace with Megatron's flag names, tiny
-per-domain indexed datasets, and the hooks driven in the order the patched ``pretrain_gpt.py`` /
-``training.py`` call them. (``patches/megatron-lm/cpu_smoke.py`` runs the same against a real,
-patched Megatron-LM checkout.)"""
+"""Unit tests of the hooks in ``odm_megatron.integrations.megatron_lm`` (``glue``), without
+Megatron-LM's training code: a fake ``args`` namespace with Megatron's flag names, tiny per-domain
+indexed datasets (real megatron-core datasets), and the hooks driven in the order Megatron-LM's
+loop calls them once ``install()`` has wrapped it. (``tests/test_megatron_lm_hooks.py`` checks the
+wrapping against every supported release; ``tests/test_megatron_lm_real_loop.py`` runs the loop.)"""
 import argparse
 import json
 import os
-import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -16,9 +15,7 @@ import torch
 from core_fixtures import EOD, VOCAB_SIZE, make_domains
 from odm_megatron.dataset import OnlineBlendedDataset, make_gpt_dataset_config, TokenizerSpec
 from odm_megatron.integrations import megatron_lm as odm_lm
-from odm_megatron.state import BanditStateError
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ, GBS, MBS = 16, 8, 2
 
 
@@ -72,6 +69,7 @@ def train(args, steps, save_at=None, dp_rank=0, dp_size=1):
     model = StandIn().train()
     tokens, weights = [], {}
     for step in range(args.iteration, steps):
+        weights[step] = mixer.weights_for_step(step).tolist()
         for _ in range(GBS // (MBS * dp_size)):
             tapped = odm_lm.tap(it)
             batch = next(tapped)
@@ -79,7 +77,6 @@ def train(args, steps, save_at=None, dp_rank=0, dp_size=1):
             odm_lm.odm_loss_hook(loss, batch["loss_mask"], odm_lm.dataset_id_of(tapped), model)
             tokens.append(batch["tokens"].tolist())
         odm_lm.odm_step_end(step)
-        weights[step] = mixer.weights_for_step(step).tolist()
         if save_at == step + 1:
             odm_lm.odm_save_state(args, step + 1)
     return tokens, weights, mixer
@@ -138,10 +135,15 @@ def test_prior(tmp_path):
             odm_lm.resolve_prior(bad, names, None, n)
 
 
-@pytest.mark.parametrize("flag,value", [("rampup_batch_size", ["4", "4", "100"]), ("mock_data", True),
-                                        ("dataloader_type", "cyclic"), ("odm_update_interval", 0)])
-def test_unsupported_flags_are_named(prefixes, tmp_path, flag, value):
-    with pytest.raises(odm_lm.OdmConfigError, match=flag.split("_")[0]):
+@pytest.mark.parametrize("flag,value,message", [
+    ("rampup_batch_size", ["4", "4", "100"], "^--odm-policy does not support --rampup-batch-size$"),
+    ("mock_data", True, "^--odm-policy does not support --mock-data$"),
+    ("logits_load_dir", "/x", "^--odm-policy does not support --logits-load-dir$"),
+    ("dataloader_type", "cyclic", "^--odm-policy needs --dataloader-type single, got 'cyclic'$"),
+    ("odm_update_interval", 0, "^--odm-update-interval must be >= 1, got 0$"),
+])
+def test_unsupported_flags_are_named(prefixes, tmp_path, flag, value, message):
+    with pytest.raises(odm_lm.OdmConfigError, match=message):
         odm_lm.build_odm_train_dataset(make_args(prefixes, tmp_path, **{flag: value}), TOKENIZER)
 
 
@@ -194,7 +196,7 @@ def test_training_feeds_the_bandit_and_logs(prefixes, tmp_path):
     assert mixer.completed_steps == 8 and mixer.policy.num_updates == 4
     assert not np.allclose(mixer.latest_weights, [0.2, 0.3, 0.5]), "feedback never reached the policy"
     lines = [json.loads(x) for x in open(os.path.join(args.save, "odm", "mixture.jsonl"))]
-    assert [x["step"] for x in lines] == [1, 3, 5, 7]
+    assert [x["step"] for x in lines] == [2, 4, 6, 8]  # 1-based: the last step of each window
     assert set(lines[0]["weights"]) == {"domain0", "domain1", "domain2"}
 
 
@@ -286,7 +288,8 @@ def test_resume_errors(prefixes, tmp_path):
         odm_lm.build_odm_train_dataset(
             make_args(prefixes, tmp_path, iteration=4, consumed_train_samples=20, load=args.save), TOKENIZER)
     odm_lm.reset()
-    with pytest.raises(BanditStateError, match="seed"):
+    with pytest.raises(odm_lm.OdmCheckpointError,
+                       match=r"odm/iter_0000004\.json: cannot restore the bandit state: .*seed 11, this run uses seed 12"):
         odm_lm.build_odm_train_dataset(make_args(prefixes, tmp_path, iteration=4, consumed_train_samples=32,
                                                  load=args.save, seed=12), TOKENIZER)
     odm_lm.reset()
@@ -297,24 +300,3 @@ def test_resume_errors(prefixes, tmp_path):
 
 def test_save_is_a_no_op_before_setup(tmp_path):
     assert odm_lm.odm_save_state(SimpleNamespace(save=str(tmp_path)), 3) is None  # e.g. checkpoint conversion
-
-
-def test_patch_calls_only_what_the_module_has():
-    patch = open(os.path.join(REPO, "patches", "megatron-lm", "odm.patch"), encoding="utf-8").read()
-    added = "\n".join(line for line in patch.splitlines() if line.startswith("+") and not line.startswith("+++"))
-    called = set(re.findall(r"odm_lm\.(\w+)", added))
-    assert called >= {"build_odm_train_dataset", "build_odm_dataloader", "odm_loss_hook", "odm_step_end",
-                      "odm_save_state", "tap", "dataset_id_of", "with_odm_args", "is_enabled", "odm_dataset_sizes"}
-    assert all(hasattr(odm_lm, name) for name in called), sorted(n for n in called if not hasattr(odm_lm, n))
-    changed = re.findall(r"^\+\+\+ b/(\S+)", patch, flags=re.M)
-    assert sorted(changed) == ["megatron/training/training.py", "pretrain_gpt.py"]
-
-
-@pytest.mark.skipif(not os.environ.get("MEGATRON_LM_DIR"), reason="set MEGATRON_LM_DIR to a Megatron-LM checkout")
-def test_patch_applies_to_megatron_lm_checkout():
-    """Opt-in: ``MEGATRON_LM_DIR=/path/to/Megatron-LM pytest -k checkout`` (core_v0.16.1)."""
-    import subprocess
-
-    out = subprocess.run([os.path.join(REPO, "tools", "check_patches.sh"), os.environ["MEGATRON_LM_DIR"]],
-                         capture_output=True, text=True)
-    assert out.returncode == 0, out.stdout + out.stderr

@@ -1,19 +1,19 @@
-"""Online data mixing inside Megatron-LM's own ``pretrain_gpt.py`` / ``training.py``.
+"""The hooks of online data mixing in Megatron-LM's training loop (what :func:`.hooks.install` wires in).
 
-``patches/megatron-lm/odm.patch`` adds a few calls into Megatron-LM; everything they do is here,
-so that the patch stays a few dozen lines and this module can be tested without Megatron-LM:
+Each function here is one hook; :mod:`.hooks` attaches them to Megatron-LM at run time by wrapping
+module-level names, and :mod:`.adapters` says which names, per release:
 
 ==========================================  =================================================
-where (Megatron-LM)                         call
+where (Megatron-LM)                         hook
 ==========================================  =================================================
-``pretrain_gpt.py`` ``pretrain(...)``       ``extra_args_provider=with_odm_args(...)``
-``train_valid_test_datasets_provider``      ``build_odm_train_dataset(args, config, built)``,
-                                            and valid/test built with ``odm_dataset_sizes``
-``forward_step``                            ``tap(data_iterator)`` / ``dataset_id_of(it)``
-``loss_func``                               ``odm_loss_hook(output_tensor, loss_mask, ids, model)``
-``training.py`` data loaders                ``build_odm_dataloader(train_ds, args)``
-``training.py`` ``train()`` after a step    ``odm_step_end(iteration)`` (every rank)
-``training.py`` before ``save_checkpoint``  ``odm_save_state(args, iteration)`` (every rank)
+Megatron's argument parser                  ``with_odm_args(...)`` as ``extra_args_provider``
+the script's dataset provider               ``build_odm_train_dataset(args, config, built)``,
+                                            valid/test built with ``odm_dataset_sizes``
+the script's ``forward_step``               ``tap(data_iterator)`` / ``dataset_id_of(it)``
+the loss function it returns                ``odm_loss_hook(output_tensor, loss_mask, ids, model)``
+``build_pretraining_data_loader``           ``build_odm_dataloader(train_ds, args)``
+``train_step`` / ``dummy_train_step``       ``odm_step_end(iteration)`` (every rank)
+``save_checkpoint``                         ``odm_save_state(args, iteration)`` first (every rank)
 ==========================================  =================================================
 
 Why it is shaped this way:
@@ -27,14 +27,15 @@ Why it is shaped this way:
   TP ranks > 0 never see it, and they need not: only TP rank 0 of the last pipeline stage
   contributes losses (:class:`~odm_megatron.distributed.FeedbackReducer`);
 - the loss hook skips evaluation (``model.training`` is False there): validation batches come
-  from megatron-core's ``BlendedDataset`` and must not feed the bandit;
+  from megatron-core's ``BlendedDataset`` and must not feed the bandit (they feed the per-domain
+  validation of :mod:`.evaluation` instead);
 - the bandit state is a small JSON file ``<save>/odm/iter_XXXXXXX.json`` written (atomically, by
   rank 0, after a collective reduction) *before* Megatron writes the checkpoint of that
   iteration, hence before its tracker file names it: a checkpoint Megatron can resume from always
   has its bandit state. It lives next to, not inside, Megatron's state dict because the legacy
   ``torch`` format builds state dicts only on some ranks while the state is collective, and
   ``torch_dist`` refuses non-empty iteration directories; this keeps ``checkpointing.py``
-  unpatched. It is read back when the train dataset is built, which Megatron does after
+  untouched. It is read back when the train dataset is built, which Megatron does after
   ``load_checkpoint`` has set ``args.iteration``.
 """
 from __future__ import annotations
@@ -57,6 +58,7 @@ from odm_megatron.options import PriorError, add_policy_hyperparameter_args, pol
 from odm_megatron.options import resolve_prior as _resolve_prior
 from odm_megatron.policy import DEFAULT_POLICY, POLICIES
 from odm_megatron.sampler import OnlineMixingBatchSampler
+from odm_megatron.training.metrics import truncate_step_log
 
 try:
     from megatron.core import rerun_state_machine as _rerun_state_machine
@@ -78,10 +80,11 @@ class OdmCheckpointError(RuntimeError):
 
 
 # -- flags ----------------------------------------------------------------------------------------
-def add_odm_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Megatron ``extra_args_provider``: the ``--odm-*`` flags. ODM is on iff ``--odm-policy``."""
+def add_odm_args(parser: argparse.ArgumentParser, policy_default: Optional[str] = None) -> argparse.ArgumentParser:
+    """Megatron ``extra_args_provider``: the ``--odm-*`` flags. ODM is on iff ``--odm-policy`` is
+    set (given, or defaulted by ``policy_default``: the ``odm-megatron megatron-lm`` launcher)."""
     g = parser.add_argument_group("online data mixing (odm-megatron)")
-    g.add_argument("--odm-policy", choices=sorted(POLICIES), default=None,
+    g.add_argument("--odm-policy", choices=sorted(POLICIES), default=policy_default,
                    help=f"enable online data mixing over the --data-path prefixes (one domain each) with "
                         f"this bandit policy (odm-exp3: the paper's EXP3; {DEFAULT_POLICY}: odm-megatron's default)")
     g.add_argument("--odm-update-interval", type=int, default=10, help="optimizer steps per policy update")
@@ -101,13 +104,14 @@ def add_odm_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def with_odm_args(
     other: Optional[Callable[[argparse.ArgumentParser], argparse.ArgumentParser]] = None,
+    policy_default: Optional[str] = None,
 ) -> Callable[[argparse.ArgumentParser], argparse.ArgumentParser]:
     """An ``extra_args_provider`` adding the ODM flags after ``other``'s (Megatron takes only one)."""
 
     def provider(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         if other is not None:
-            parser = other(parser)
-        return add_odm_args(parser)
+            parser = other(parser) or parser
+        return add_odm_args(parser, policy_default=policy_default)
 
     return provider
 
@@ -125,7 +129,7 @@ def check_odm_args(args: Any) -> None:
     unsupported = [
         ("mock_data", "--mock-data"), ("sft", "--sft"), ("fim_data", "--fim-data"),
         ("rampup_batch_size", "--rampup-batch-size"), ("phase_transition_iterations", "--phase-transition-iterations"),
-        ("hybrid_context_parallel", "--hybrid-context-parallel"),
+        ("hybrid_context_parallel", "--hybrid-context-parallel"), ("logits_load_dir", "--logits-load-dir"),
     ]
     for attr, flag in unsupported:
         if getattr(args, attr, None):
@@ -287,8 +291,10 @@ def build_odm_train_dataset(
     log_path = args.odm_log
     if log_path is None and getattr(args, "save", None):
         log_path = os.path.join(args.save, ODM_STATE_DIR, "mixture.jsonl")
+    if log_path and _is_rank0():  # a resumed run rewrites the updates after its checkpoint; a new run starts afresh
+        truncate_step_log(log_path, mixer.completed_steps)
     _runtime = OdmRuntime(mixer=mixer, dataset=dataset, log_path=log_path)
-    logger.info(
+    (logger.info if _is_rank0() else logger.debug)(
         "online data mixing (%s) over %d domains %s; prior %s; samples per domain %s; from step %d",
         args.odm_policy, len(names), names, np.round(prior, 4).tolist(),
         dataset.num_samples_per_domain.tolist(), mixer.completed_steps,
@@ -364,9 +370,13 @@ def build_odm_dataloader(
         mixer.validate_prefetch(num_workers, None, sampler.num_microbatches)
     except ValueError as e:
         raise OdmConfigError(f"{e} (--num-workers sets the workers; Megatron's prefetch factor is 2)") from None
+    # Its own generator: creating the loader's iterator (which Megatron does after load_checkpoint)
+    # then draws its worker base seed from it, not from the global CPU RNG, which on CPU is also
+    # dropout's; a resumed CPU run stays identical to the uninterrupted one.
+    generator = torch.Generator().manual_seed(int(args.seed))
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-        persistent_workers=num_workers > 0, worker_init_fn=_worker_init_fn(args, num_workers),
+        persistent_workers=num_workers > 0, worker_init_fn=_worker_init_fn(args, num_workers), generator=generator,
     )
 
 
@@ -396,6 +406,8 @@ class DatasetIdTap:
     def __init__(self, inner: Iterator) -> None:
         self.inner = inner
         self.dataset_id: Optional[torch.Tensor] = None
+        self.loss_mask: Optional[torch.Tensor] = None
+        self.batch_seen = False
 
     def __iter__(self) -> "DatasetIdTap":
         return self
@@ -403,9 +415,12 @@ class DatasetIdTap:
     def __next__(self) -> Any:
         batch = next(self.inner)
         ids = batch.get("dataset_id") if isinstance(batch, dict) else None
+        mask = batch.get("loss_mask") if isinstance(batch, dict) else None
         if isinstance(ids, torch.Tensor) and torch.cuda.is_available():
             ids = ids.cuda(non_blocking=True)
-        self.dataset_id = ids
+        self.dataset_id = ids if isinstance(ids, torch.Tensor) else None
+        self.loss_mask = mask if isinstance(mask, torch.Tensor) else None
+        self.batch_seen = True
         return batch
 
     def __getattr__(self, name: str) -> Any:  # RerunDataIterator's methods, if anyone asks
@@ -484,8 +499,8 @@ def odm_step_end(iteration: int) -> Optional[UpdateRecord]:
     names = runtime.mixer.domain_names
     if _is_rank0():
         line = record.to_json(names)
-        logger.info("odm update %d after step %d: weights %s (from step %d)", record.update, record.step,
-                    {n: round(w, 4) for n, w in line["weights"].items()}, record.effective_step)
+        logger.info("odm update %d after step %d: weights %s (from step %d)", record.update, line["step"],
+                    {n: round(w, 4) for n, w in line["weights"].items()}, line["effective_step"])
         if runtime.log_path:
             os.makedirs(os.path.dirname(os.path.abspath(runtime.log_path)), exist_ok=True)
             with open(runtime.log_path, "a", encoding="utf-8") as f:
@@ -547,7 +562,11 @@ def _load_state_if_resuming(args: Any, mixer: OnlineMixer) -> None:
             f"save directory into {ODM_STATE_DIR}/ under --load; from a checkpoint made without --odm-policy, "
             f"online mixing can start only as a new run (--finetune resets the iteration to 0)"
         )
-    mixer.load(path)
+    try:
+        mixer.load(path)
+    except (ValueError, RuntimeError, OSError, KeyError) as e:  # checksum, another run's state, unreadable
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise OdmCheckpointError(f"{path}: cannot restore the bandit state: {message}") from None
     if mixer.completed_steps != iteration:
         raise OdmCheckpointError(f"{path} holds the bandit state of step {mixer.completed_steps}, not {iteration}")
     consumed = getattr(args, "consumed_train_samples", None)
