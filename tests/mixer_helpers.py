@@ -1,4 +1,8 @@
-"""A scripted policy and a synthetic training loop for mixer tests."""
+"""A scripted policy and a synthetic training loop for mixer tests.
+
+The scripted policy is never left in the registry (``policy_registered`` puts it there only while
+a mixer is built): a leaked test policy would change what ``POLICIES`` lists elsewhere.
+"""
 from __future__ import annotations
 
 from typing import List, Optional, Sequence
@@ -7,11 +11,10 @@ import numpy as np
 import torch
 
 from odm_megatron.mixer import MixerConfig, OnlineMixer
-from odm_megatron.policy import MixingPolicy, register_policy
+from odm_megatron.policy import MixingPolicy, policy_registered
 from odm_megatron.sampler import OnlineMixingBatchSampler
 
 
-@register_policy
 class ScriptedPolicy(MixingPolicy):
     """Update u sets the weights to script[u-1] (then keeps the last one)."""
 
@@ -79,6 +82,7 @@ def make_mixer(num_samples: Sequence[int], policy: str = "odm-exp3", gbs: int = 
                seed: int = 11, names: Optional[List[str]] = None, **policy_kwargs) -> OnlineMixer:
     k = len(num_samples)
     names = names or [f"d{i}" for i in range(k)]
-    config = MixerConfig(domain_names=names, seed=seed, global_batch_size=gbs, update_interval=interval, lag=lag,
-                         policy=policy, policy_kwargs=policy_kwargs)
-    return OnlineMixer(config, prior=np.full(k, 1.0 / k), num_samples_per_domain=np.asarray(num_samples))
+    with policy_registered(ScriptedPolicy):
+        config = MixerConfig(domain_names=names, seed=seed, global_batch_size=gbs, update_interval=interval,
+                             lag=lag, policy=policy, policy_kwargs=policy_kwargs)
+        return OnlineMixer(config, prior=np.full(k, 1.0 / k), num_samples_per_domain=np.asarray(num_samples))

@@ -50,9 +50,12 @@ def test_later_epochs_are_reshuffled_permutations(domains):
     ds = OnlineBlendedDataset(datasets, seed=7)
     n = int(ds.num_samples_per_domain[2])
     epochs = [[ds.sample_index(2, e * n + j) for j in range(n)] for e in range(4)]
+    assert epochs[0] == list(range(n))  # epoch 0: megatron-core's own (already shuffled) order
     for order in epochs:
         assert sorted(order) == list(range(n))  # every sample exactly once per epoch
-    assert epochs[1] != epochs[2] != epochs[0]
+    for a in range(4):  # every epoch in its own order: epoch 1 reshuffled against epoch 0 too
+        for b in range(a + 1, 4):
+            assert epochs[a] != epochs[b], (a, b)
     again = OnlineBlendedDataset(datasets, seed=7)
     assert [again.sample_index(2, n + j) for j in range(n)] == epochs[1]  # deterministic
     other_seed = OnlineBlendedDataset(datasets, seed=8)

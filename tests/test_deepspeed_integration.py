@@ -85,9 +85,13 @@ def _worker(rank, world_size, prefixes, workdir):
 
     def train(engine, mixer, until, ckpt=None, save_at=None):
         loader = odm_ds.build_dataloader(dataset, mixer, engine, total_samples=STEPS * GBS)
-        out = {"samples": [], "losses": [], "weights": {}, "updates": []}
+        out = {"samples": [], "losses": [], "weights": {}, "updates": [], "global": {}}
         for batch in loader:
             step = mixer.completed_steps
+            if step not in out["global"]:  # the whole global batch this step draws, every rank's part
+                domains, positions = mixer.draw_global_batch(step)
+                out["global"][step] = [(d, dataset[(d, p)]["tokens"].tolist())
+                                       for d, p in zip(domains.tolist(), positions.tolist())]
             per_token = engine(batch["tokens"], batch["labels"])
             mixer.accumulate(per_token, batch["loss_mask"], batch["dataset_id"])
             mask = batch["loss_mask"]
@@ -159,10 +163,17 @@ def test_ranks_hold_identical_weights_at_every_update(runs):
 def test_ranks_consume_disjoint_halves_of_each_global_batch(runs):
     a, b = runs
     for step in range(STEPS):
-        ta = [t for s, _, toks in a["full"]["samples"] if s == step for t in toks]
-        tb = [t for s, _, toks in b["full"]["samples"] if s == step for t in toks]
-        assert len(ta) == len(tb) == GBS // WORLD
-        assert ta != tb
+        def consumed(run):  # (domain, tokens) of each sample the rank trained on at this step
+            return [(d, toks) for s, ids, batch in run["full"]["samples"] if s == step
+                    for d, toks in zip(ids, batch)]
+
+        sa, sb = consumed(a), consumed(b)
+        whole = a["full"]["global"][step]
+        assert whole == b["full"]["global"][step]
+        assert len(whole) == GBS and len({repr(x) for x in whole}) == GBS  # GBS distinct samples
+        assert len(sa) == len(sb) == GBS // WORLD
+        assert not {repr(x) for x in sa} & {repr(x) for x in sb}, f"step {step}: a sample on both ranks"
+        assert sorted(sa + sb) == sorted(whole), f"step {step}: the halves are not the global batch"
 
 
 def test_resume_reproduces_the_uninterrupted_run(runs):

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from odm_megatron.policy import POLICIES, exploration_rate, make_policy
+from odm_megatron.policy import POLICIES, exploration_rate, make_policy, policy_registered
 
 
 def eps(k, t):
@@ -206,3 +206,29 @@ def test_progress_trend_hand_computation_and_state_round_trip():
     np.testing.assert_array_equal(q.loss_ema_slow, p.loss_ema_slow)
     with pytest.raises(ValueError, match="trend_alpha"):
         make_policy("odm-progress", prior=np.full(2, 0.5), alpha=0.9, trend_alpha=0.5)
+
+
+BUILT_IN_POLICIES = ["odm-exp3", "odm-progress", "smoothed-mean", "static"]
+
+
+def test_test_policies_do_not_leak_into_the_registry():
+    """What ``POLICIES`` lists (CLI choices, the parametrisation above) must not depend on which
+    test files were collected: the helpers' scripted policy is registered only while in use."""
+    from mixer_helpers import ScriptedPolicy, make_mixer
+
+    mixer = make_mixer([3, 3], policy="test-scripted", script=[[1.0, 0.0]])
+    assert mixer.policy.name == "test-scripted"
+    assert sorted(POLICIES) == BUILT_IN_POLICIES
+    with policy_registered(ScriptedPolicy):
+        assert sorted(POLICIES) == sorted(BUILT_IN_POLICIES + ["test-scripted"])
+    assert sorted(POLICIES) == BUILT_IN_POLICIES
+
+    class Shadow(ScriptedPolicy):
+        name = "static"
+
+    original = POLICIES["static"]
+    with pytest.raises(RuntimeError, match="inside"):
+        with policy_registered(Shadow):
+            assert POLICIES["static"] is Shadow
+            raise RuntimeError("inside")
+    assert POLICIES["static"] is original
