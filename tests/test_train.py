@@ -53,7 +53,7 @@ def reference(corpus, tmp_path_factory):
 
 def _model_state(ckpt_dir, iteration):
     path = os.path.join(ckpt_dir, f"iter_{iteration:07d}", "model_optim_tp00_pp000.pt")
-    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
 def _assert_same_run(reference_logs, logs):

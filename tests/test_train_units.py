@@ -45,10 +45,14 @@ def test_lr_schedule_warmup_cosine_and_resume():
 def _fake_checkpoint(root, iteration, complete=True, corrupt=False):
     d = ckpt.iteration_dir(root, iteration)
     os.makedirs(d)
-    with open(os.path.join(d, "model.pt"), "wb") as f:
-        f.write(b"x" * 100)
+    for name in ("model.pt", ckpt.MIXER_FILE):
+        with open(os.path.join(d, name), "wb") as f:
+            f.write(b"x" * 100)
     if complete:
-        meta = {"format": ckpt.CHECKPOINT_FORMAT, "iteration": iteration, "files": {"model.pt": 100}}
+        files = {name: {"size": 100, "sha256": ckpt.file_sha256(os.path.join(d, name))}
+                 for name in ("model.pt", ckpt.MIXER_FILE)}
+        meta = {"format": ckpt.CHECKPOINT_FORMAT, "version": ckpt.CHECKPOINT_VERSION, "iteration": iteration,
+                "files": files}
         with open(os.path.join(d, ckpt.METADATA), "w") as f:
             json.dump(meta, f)
     if corrupt:
@@ -67,7 +71,7 @@ def test_find_latest_checkpoint_skips_incomplete_and_corrupt(tmp_path):
     assert ckpt.find_latest_checkpoint(root) == 20
     with open(os.path.join(root, ckpt.TRACKER), "w") as f:
         f.write("10")
-    assert ckpt.find_latest_checkpoint(root) == 10  # the tracker is authoritative when valid
+    assert ckpt.find_latest_checkpoint(root) == 20  # the newest intact one, not the (lagging) tracker
     with open(os.path.join(root, ckpt.TRACKER), "w") as f:
         f.write("40")
     assert ckpt.find_latest_checkpoint(root) == 20  # ... and ignored when it names a bad one

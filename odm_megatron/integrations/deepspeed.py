@@ -268,7 +268,10 @@ def load_checkpoint(
             f"was it saved with odm_megatron.integrations.deepspeed.save_checkpoint? "
             f"To warm-start from it, pass load_module_only=True"
         )
-    mixer.load_state_dict(state)
+    from odm_megatron.state import BanditState
+
+    # verified (format, version, sha256) and named; plain data, so nothing in it was executed
+    mixer.load_bandit_state(BanditState.from_dict(state, source=f"DeepSpeed checkpoint {load_path}"))
     if mixer.completed_steps != int(engine.global_steps):
         raise OdmCheckpointError(
             f"DeepSpeed checkpoint {load_path}: the engine resumes at step {engine.global_steps} but "

@@ -23,11 +23,13 @@ import json
 import logging
 import math
 import os
+import re
 from typing import Any, Dict, List, Optional, Sequence
 
 logger = logging.getLogger(__name__)
 
 STEP_KEYED_LOGS = ("train.jsonl", "mixture.jsonl", "eval.jsonl")
+PER_RANK_LOG_RE = re.compile(r"^(sample_order|mixture)_rank\d+\.jsonl$")
 
 
 def _json_default(value: Any):
@@ -63,6 +65,17 @@ def truncate_step_log(path: str, last_step: int) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         f.writelines(kept)
     os.replace(tmp, path)
+
+
+def truncate_per_rank_logs(log_dir: str, last_step: int) -> None:
+    """Cut every rank's ``--log-sample-order`` logs back to ``last_step`` on a resume, those of
+    ranks that no longer exist (a smaller data-parallel size) included. Call on one rank, before
+    the ranks open their own logs."""
+    if not os.path.isdir(log_dir):
+        return
+    for name in os.listdir(log_dir):
+        if PER_RANK_LOG_RE.match(name):
+            truncate_step_log(os.path.join(log_dir, name), last_step)
 
 
 class MetricsLogger:

@@ -179,9 +179,8 @@ def run_training(args: argparse.Namespace) -> TrainSummary:
                            args.lr_decay_style)
     mixer = _build_mixer(args, names, prior, data.train_dataset, env)
 
-    iteration = 0
-    if args.load:
-        iteration = ckpt.load_checkpoint(args.load, model, optimizer, scheduler, mixer, args, env, names)
+    # a resume from --load, or a fresh start that overwrites no earlier run's logs or checkpoints
+    iteration = ckpt.resume_or_start(args, model, optimizer, scheduler, mixer, env, names)
     resumed_at = iteration
     if iteration >= args.train_iters:
         logger.info("checkpoint is at iteration %d >= --train-iters %d: nothing to train", iteration,
