@@ -112,19 +112,19 @@ def _check_prior_syntax(spec: Any) -> None:
     _weights_from_list(spec)
 
 
-def _weights_from_list(spec: str) -> np.ndarray:
+def _weights_from_list(spec: str, flag: str = "--odm-prior") -> np.ndarray:
     try:
         w = np.array([float(x) for x in spec.split(",")], dtype=np.float64)
     except ValueError:
-        raise ConfigError(f"--odm-prior {spec!r}: expected natural, uniform, W1,W2,... (numbers in domain "
+        raise ConfigError(f"{flag} {spec!r}: expected natural, uniform, W1,W2,... (numbers in domain "
                           f"order) or FILE.json") from None
-    _check_weights(w, spec)
+    _check_weights(w, spec, flag)
     return w
 
 
-def _check_weights(w: np.ndarray, spec: str) -> None:
+def _check_weights(w: np.ndarray, spec: str, flag: str = "--odm-prior") -> None:
     if not np.all(np.isfinite(w)) or np.any(w < 0) or not w.sum() > 0:
-        raise ConfigError(f"--odm-prior {spec!r}: weights must be finite, non-negative and not all zero, "
+        raise ConfigError(f"{flag} {spec!r}: weights must be finite, non-negative and not all zero, "
                           f"got {w.tolist()}")
 
 
@@ -166,15 +166,11 @@ def resolve_prior(spec: str, domain_names: Sequence[str], natural_weights: Seque
     elif spec.endswith(".json") or os.path.isfile(spec):
         w = _weights_from_json(spec, domain_names, flag)
     else:
-        try:
-            w = _weights_from_list(spec)
-        except ConfigError as e:
-            raise ConfigError(str(e).replace("--odm-prior", flag, 1)) from None
+        w = _weights_from_list(spec, flag)
         if w.shape != (k,):
             raise ConfigError(f"{flag} {spec}: {w.size} weights for {k} domains {list(domain_names)} "
                               f"(give one weight per domain, in this order)")
-    if not np.all(np.isfinite(w)) or np.any(w < 0) or not w.sum() > 0:
-        raise ConfigError(f"{flag} {spec!r}: weights must be finite, non-negative and not all zero, got {w.tolist()}")
+    _check_weights(w, spec, flag)
     return w / w.sum()
 
 
