@@ -237,3 +237,232 @@ def _sample_counts(out, fresh_cache):
     cfg = make_gpt_dataset_config(seed=1234, seq_length=32, path_to_cache=str(fresh_cache),
                                   tokenizer=TokenizerSpec(manifest.tokenizer.vocab_size, manifest.tokenizer.eod_id))
     return [len(ds) for ds in build_domain_datasets(manifest.prefixes, cfg, domain_names=manifest.domain_names)]
+
+
+# --- 10. outputs that cannot be written ----------------------------------------------------------
+
+def _can_mount_tmpfs():
+    if os.geteuid() != 0 or not sys.platform.startswith("linux"):
+        return False
+    probe = "/tmp/odm-tmpfs-probe"
+    os.makedirs(probe, exist_ok=True)
+    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", probe], capture_output=True).returncode == 0
+    if ok:
+        subprocess.run(["umount", probe], capture_output=True)
+    return ok
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """``make(size, read_only)`` -> a directory on a tiny tmpfs (a real full or read-only file system)."""
+    if not _can_mount_tmpfs():
+        pytest.skip("needs root and tmpfs (mount -t tmpfs) to make a real full / read-only file system")
+    mounted = []
+
+    def make(size="64k", read_only=False):
+        path = tmp_path / f"mnt{len(mounted)}"
+        path.mkdir()
+        options = f"size={size}" + (",ro" if read_only else "")
+        subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], check=True)
+        mounted.append(str(path))
+        return path
+
+    yield make
+    for path in mounted:
+        subprocess.run(["umount", "-l", path], capture_output=True)
+
+
+def _no_output_that_looks_done(directory):
+    names = os.listdir(directory) if os.path.isdir(directory) else []
+    assert "manifest.json" not in names and not [n for n in names if n.endswith((".bin", ".idx", ".partial"))], names
+
+
+def test_preprocess_output_below_a_file(tok, tmp_path, capsys):
+    corpus = write_corpus(str(tmp_path / "c.jsonl"), make_documents(seed=6))
+    (tmp_path / "afile").write_text("x")
+    rc, io = _preprocess(capsys, "--input", corpus, "--tokenizer-model", tok, "--output-dir", tmp_path / "afile" / "out")
+    _one_line_error(io, rc, str(tmp_path / "afile" / "out"), "a part of the path is a file", "--output-dir")
+
+
+def test_preprocess_on_a_full_or_read_only_file_system(tok, tmp_path, capsys, tmpfs):
+    corpus = write_corpus(str(tmp_path / "c.jsonl"), make_documents(seed=6))
+    full = tmpfs("8k")  # two pages: the shards do not fit
+    rc, io = _preprocess(capsys, "--input", corpus, "--tokenizer-model", tok, "--output-dir", full / "out")
+    _one_line_error(io, rc, str(full / "out"), "no space left on the device", "--output-dir")
+    _no_output_that_looks_done(full / "out")
+    read_only = tmpfs(read_only=True)
+    rc, io = _preprocess(capsys, "--input", corpus, "--tokenizer-model", tok, "--output-dir", read_only / "out")
+    _one_line_error(io, rc, str(read_only / "out"), "read-only file system", "--output-dir")
+
+
+def test_preprocess_full_disk_at_the_manifest_leaves_nothing_that_looks_done(tok, tmp_path, capsys, monkeypatch):
+    """ENOSPC injected where the manifest is written (after every shard was renamed into place)."""
+    import odm_megatron.preprocess.manifest_writer as mw
+
+    corpus = write_corpus(str(tmp_path / "c.jsonl"), make_documents(seed=6))
+    real_dump = json.dump
+
+    def full_disk(obj, f, **kw):
+        if getattr(f, "name", "").endswith("manifest.json.partial"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_dump(obj, f, **kw)
+
+    monkeypatch.setattr(mw.json, "dump", full_disk)
+    rc, io = _preprocess(capsys, "--input", corpus, "--tokenizer-model", tok, "--output-dir", tmp_path / "o")
+    _one_line_error(io, rc, str(tmp_path / "o" / "manifest.json"), "no space left")
+    _no_output_that_looks_done(tmp_path / "o")
+
+
+def test_train_save_and_log_dir_that_cannot_be_written(tmp_path, capsys, tmpfs):
+    manifest = make_corpus(str(tmp_path / "d"), docs_per_domain=20)
+    (tmp_path / "afile").write_text("x")
+    rc = cli_main(_train_argv(manifest, "--save", str(tmp_path / "afile" / "ckpt")))
+    _one_line_error(capsys.readouterr(), rc, str(tmp_path / "afile" / "ckpt"), "a part of the path is a file", "--save")
+    read_only = tmpfs(read_only=True)
+    rc = cli_main(_train_argv(manifest, "--log-dir", str(read_only / "logs")))
+    _one_line_error(capsys.readouterr(), rc, str(read_only / "logs"), "read-only file system", "--log-dir")
+
+
+def test_train_checkpoint_on_a_full_disk_is_one_line(tmp_path, tmpfs):
+    manifest = make_corpus(str(tmp_path / "d"), docs_per_domain=20)
+    full = tmpfs("256k")  # the probe fits, a checkpoint (~1.5 MB) does not
+    proc = run_cli(_train_argv(manifest, "--save", str(full / "ckpt"), "--save-interval", "1",
+                               "--log-dir", str(tmp_path / "logs"), "--no-tensorboard"))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("odm-megatron train: error: cannot write") and "no space left" in last, last
+    assert "checkpoint of step 1 was not completed" in last
+    # no checkpoint that looks complete (a temporary directory of the failed write may remain)
+    assert not [n for n in os.listdir(full / "ckpt") if n.startswith("iter_") and n[5:].isdigit()]
+    assert not os.path.exists(full / "ckpt" / "latest_checkpointed_iteration.txt")
+
+
+# --- 12. non-finite losses -----------------------------------------------------------------------
+
+def _strict_json_lines(path):
+    def no_constants(name):
+        raise AssertionError(f"{path}: bare {name} is not JSON")
+
+    with open(path) as f:
+        return [json.loads(line, parse_constant=no_constants) for line in f if line.strip()]
+
+
+def test_nonfinite_losses_stop_the_run_without_a_poisoned_checkpoint(tmp_path):
+    manifest = make_corpus(str(tmp_path / "d"), docs_per_domain=20)
+    logs, save = tmp_path / "logs", tmp_path / "ckpt"
+    proc = run_cli(_train_argv(manifest, "--lr", "1e6", "--train-iters", "12", "--update-interval", "1",
+                               "--save", str(save), "--save-interval", "1", "--log-dir", str(logs),
+                               "--max-nonfinite-steps", "3", "--no-tensorboard"))
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    err = proc.stderr
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("odm-megatron train: error: stopped at step") and "--max-nonfinite-steps 3" in last, last
+    assert "Traceback" not in err
+    # reported once, with its domains; the policy's documented per-domain warning fires
+    assert err.count("the update is skipped") == 1
+    assert "in domain(s) counting, motif, noise" in err
+    assert "non-finite loss for domain(s)" in err
+    train = _strict_json_lines(logs / "train.jsonl")
+    _strict_json_lines(logs / "mixture.jsonl")
+    bad = [r["step"] for r in train if r.get("nonfinite")]
+    assert len(bad) == 3 and all(r["loss"] is None for r in train if r.get("nonfinite"))
+    assert train[-1]["step"] == bad[-1] == bad[0] + 2
+    # checkpoints only before the first non-finite step, and every tensor in them finite
+    saved = sorted(int(n[5:]) for n in os.listdir(save) if n.startswith("iter_"))
+    assert saved and max(saved) < bad[0], (saved, bad)
+    import torch
+
+    for n in saved:
+        for root, _, files in os.walk(save / f"iter_{n:07d}"):
+            for name in files:
+                if name.startswith("model_optim") and name.endswith(".pt"):
+                    state = torch.load(os.path.join(root, name), map_location="cpu", weights_only=False)["model"]
+                    assert all(torch.isfinite(v).all() for v in state.values() if torch.is_tensor(v)
+                               and v.is_floating_point())
+
+
+# --- 7. processes: one job per --save, workers die with their launcher ---------------------------
+
+def _popen_train(argv, nproc=1, log=None):
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
+               PYTHONWARNINGS="ignore")
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "odm_megatron", *argv]
+    else:
+        from training_fixtures import free_port
+
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+               "127.0.0.1", "--master_port", str(free_port()), "-m", "odm_megatron", *argv]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _wait_for(condition, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def _kill_group(proc):
+    try:
+        os.killpg(proc.pid, 9)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+def test_a_second_job_on_the_same_save_dir_is_refused(tmp_path, capsys):
+    manifest = make_corpus(str(tmp_path / "d"), docs_per_domain=20)
+    save = tmp_path / "ckpt"
+    with open(tmp_path / "first.log", "w") as log:
+        first = _popen_train(_train_argv(manifest, "--train-iters", "100000", "--save", str(save),
+                                         "--save-interval", "100000"), log=log)
+    try:
+        def holds_lock():
+            assert first.poll() is None, open(tmp_path / "first.log").read()[-3000:]
+            return os.path.exists(save / ".lock") and f'"pid": {first.pid}' in open(save / ".lock").read()
+
+        _wait_for(holds_lock, 240, "the first job to lock --save")
+        rc = cli_main(_train_argv(manifest, "--save", str(save)))
+        line = _one_line_error(capsys.readouterr(), rc, f"--save {save}", f"pid {first.pid}", "in use")
+        assert os.uname().nodename in line
+    finally:
+        _kill_group(first)
+    # the kernel dropped the dead job's lock: the stale file blocks nobody
+    from odm_megatron.training.parallel import SaveDirLock
+
+    SaveDirLock(str(save)).release()
+
+
+def test_killing_torchrun_kills_its_workers(tmp_path):
+    psutil = pytest.importorskip("psutil")
+    manifest = make_corpus(str(tmp_path / "d"), docs_per_domain=20)
+    logs = tmp_path / "logs"
+    with open(tmp_path / "torchrun.log", "w") as log:
+        launcher = _popen_train(_train_argv(manifest, "--train-iters", "100000", "--log-dir", str(logs),
+                                            "--no-tensorboard", "--log-interval", "1000"), nproc=2, log=log)
+    try:
+        def training():
+            assert launcher.poll() is None, open(tmp_path / "torchrun.log").read()[-3000:]
+            path = logs / "train.jsonl"
+            return os.path.exists(path) and len(open(path).read().splitlines()) >= 2
+
+        _wait_for(training, 300, "both workers to be training")
+        workers = [p for p in psutil.Process(launcher.pid).children(recursive=True)]
+        assert len(workers) >= 2, workers
+        os.kill(launcher.pid, 9)
+        launcher.wait(timeout=30)
+
+        def gone(p):
+            try:
+                return p.status() == psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                return True
+
+        _wait_for(lambda: all(gone(p) for p in workers), 15, "the workers to die with torchrun")
+    finally:
+        _kill_group(launcher)

@@ -14,7 +14,7 @@ from typing import Any, Dict, List
 
 from odm_megatron.manifest import MANIFEST_FORMAT, MANIFEST_VERSION, Manifest
 from odm_megatron.preprocess.skips import SkipRecord
-from odm_megatron.preprocess.writer import MANIFEST_NAME, PARTIAL, DomainStats
+from odm_megatron.preprocess.writer import MANIFEST_NAME, PARTIAL, DomainStats, output_error
 
 
 def build_manifest(
@@ -54,9 +54,16 @@ def write_manifest(output_dir: str, manifest: Dict[str, Any]) -> str:
     """Write atomically (temporary name, then rename) and check it reads back."""
     path = os.path.join(output_dir, MANIFEST_NAME)
     tmp = path + PARTIAL
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except OSError as e:  # full disk, read-only: no manifest, so nothing looks finished
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise output_error(e, path) from None
     Manifest.load(path)  # the reader's contract, checked at the source
     return path

@@ -172,7 +172,11 @@ def run_preprocess(config: PreprocessConfig) -> PreprocessResult:
             skipped,
             {"domain_key": config.domain_key, "append_eod": config.append_eod, "dtype": dtype.name},
         )
-        path = write_manifest(config.output_dir, manifest)
+        try:
+            path = write_manifest(config.output_dir, manifest)
+        except BaseException:
+            writer.remove_committed()  # shards without a manifest must not look like a finished run
+            raise
         finished = True
     finally:
         if pool is not None:

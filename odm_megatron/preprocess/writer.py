@@ -16,6 +16,7 @@ from typing import Dict, List
 
 import numpy as np
 
+from odm_megatron.output_errors import describe_write_error
 from odm_megatron.preprocess.domains import DomainError, DomainRegistry
 
 logger = logging.getLogger(__name__)
@@ -25,7 +26,12 @@ MANIFEST_NAME = "manifest.json"
 
 
 class OutputDirError(ValueError):
-    """The output directory cannot be used (not empty without --overwrite, not a directory)."""
+    """The output directory cannot be used (not empty without --overwrite, not a directory,
+    read-only, full)."""
+
+
+def output_error(e: OSError, path: str) -> OutputDirError:
+    return OutputDirError(describe_write_error(e, path, "--output-dir"))
 
 
 def indexed_dataset_module():
@@ -72,7 +78,10 @@ def prepare_output_dir(path: str, overwrite: bool) -> None:
     """
     if os.path.exists(path) and not os.path.isdir(path):
         raise OutputDirError(f"output path exists and is not a directory: {path}")
-    os.makedirs(path, exist_ok=True)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:  # a parent is a file (ENOTDIR), read-only file system, ...
+        raise output_error(e, path) from None
     entries = sorted(os.listdir(path))
     if not entries:
         return
@@ -82,7 +91,10 @@ def prepare_output_dir(path: str, overwrite: bool) -> None:
         )
     for name in sorted(entries, key=lambda n: n != MANIFEST_NAME):
         if _is_ours(name) and os.path.isfile(os.path.join(path, name)):
-            os.remove(os.path.join(path, name))
+            try:
+                os.remove(os.path.join(path, name))
+            except OSError as e:
+                raise output_error(e, os.path.join(path, name)) from None
 
 
 def raise_open_file_limit() -> int:
@@ -144,7 +156,7 @@ class ShardWriter:
                     f"one file open while writing and the open-file limit is reached ({e.strerror}); raise it "
                     f"(ulimit -n) or check --domain-key: {len(self._builders)} domains so far"
                 ) from None
-            raise
+            raise output_error(e, self._path(prefix, ".bin" + PARTIAL)) from None
         self._builders[domain] = builder
         self.stats[domain] = DomainStats(domain, prefix)
         logger.debug("new domain %r -> %s", domain, prefix)
@@ -168,7 +180,10 @@ class ShardWriter:
             if builder is None:
                 builder = self._open(domain)
             start, end = bounds[i], bounds[i + 1]
-            builder.add_document(tensor[start:end], [end - start])
+            try:
+                builder.add_document(tensor[start:end], [end - start])
+            except OSError as e:  # full disk, quota
+                raise output_error(e, self._path(self.stats[domain].prefix, ".bin" + PARTIAL)) from None
             stats = self.stats[domain]
             stats.documents += 1
             stats.tokens += end - start
@@ -179,12 +194,18 @@ class ShardWriter:
         """Write every index and rename the shards to their final names; sorted by domain name."""
         self._closed = True
         for domain, builder in self._builders.items():
-            prefix = self.stats[domain].prefix
-            builder.finalize(self._path(prefix, ".idx" + PARTIAL))
+            path = self._path(self.stats[domain].prefix, ".idx" + PARTIAL)
+            try:
+                builder.finalize(path)
+            except OSError as e:
+                raise output_error(e, path) from None
         for domain in self._builders:
             prefix = self.stats[domain].prefix
             for ext in (".bin", ".idx"):
-                os.replace(self._path(prefix, ext + PARTIAL), self._path(prefix, ext))
+                try:
+                    os.replace(self._path(prefix, ext + PARTIAL), self._path(prefix, ext))
+                except OSError as e:
+                    raise output_error(e, self._path(prefix, ext)) from None
             self._committed.append(prefix)
         self._builders.clear()
         from odm_megatron.manifest import shard_record
@@ -219,3 +240,4 @@ class ShardWriter:
                 except OSError:
                     pass
         self._builders.clear()
+        self.remove_committed()

@@ -48,16 +48,37 @@ def format_summary_table(summary) -> str:
 
 def main(args: argparse.Namespace) -> int:
     from odm_megatron.manifest import ManifestError
-
+    from odm_megatron.output_errors import describe_write_error, is_write_error
+    from odm_megatron.training.parallel import LauncherGoneError, die_with_launcher
 
     try:
+        die_with_launcher()  # under torchrun: this worker dies with its launcher
         validate_args(args)
+        if getattr(args, "threads", None):
+            import torch
+
+            torch.set_num_threads(args.threads)
+            logger.info("torch CPU threads: %d (--threads)", torch.get_num_threads())
         from odm_megatron.training.train import run_training
 
         summary = run_training(args)
-    except (ConfigError, ManifestError) as e:
+    except (ConfigError, ManifestError, LauncherGoneError) as e:
         print(f"odm-megatron train: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if not is_write_error(e):
+            raise
+        # a log or checkpoint write that failed mid-run (full disk, file system gone read-only)
+        print(f"odm-megatron train: error: {describe_write_error(e, e.filename or 'an output file', '--save/--log-dir')}",
+              file=sys.stderr)
+        return 2
+    except Exception as e:
+        from odm_megatron.training.train import NonFiniteLossError
+
+        if not isinstance(e, NonFiniteLossError):
+            raise
+        print(f"odm-megatron train: error: {e}", file=sys.stderr)
+        return 3
     finally:
         from odm_megatron.training.parallel import teardown
 

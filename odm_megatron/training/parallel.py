@@ -8,10 +8,16 @@ the mixer lives in :mod:`odm_megatron.distributed`; this module only builds the 
 from __future__ import annotations
 
 import datetime
+import errno
 import inspect
+import json
 import logging
 import os
 import random
+import signal
+import socket
+import sys
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -23,6 +29,100 @@ logger = logging.getLogger(__name__)
 
 _CREATED_PROCESS_GROUP = False
 _CREATED_MODEL_PARALLEL = False
+_SAVE_LOCK: Optional["SaveDirLock"] = None
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+class LauncherGoneError(RuntimeError):
+    """The launcher (torchrun) died before this worker could tie its life to it."""
+
+
+def die_with_launcher() -> bool:
+    """Under torchrun on Linux, have the kernel SIGKILL this worker when its launcher dies.
+
+    Without it a ``kill -9`` of torchrun leaves its workers training on, saving checkpoints into
+    the ``--save`` directory a restarted job then reads. SIGKILL rather than SIGTERM: it cannot
+    be caught or ignored, and checkpoint writes are atomic (a half-written one is never
+    renamed into place). The parent is checked after the request, so a launcher that died just
+    before it is noticed too. Returns whether the request is in force."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return False
+    parent = os.getppid()
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+    except (OSError, AttributeError) as e:  # no libc prctl: keep going, as before
+        logger.warning("cannot tie this worker to its launcher (prctl: %s): killing torchrun will not stop it", e)
+        return False
+    if parent == 1 or os.getppid() != parent:
+        raise LauncherGoneError(f"the launcher (pid {parent}) exited before this worker started; not training")
+    try:
+        with open(f"/proc/{parent}/cmdline", "rb") as f:
+            cmdline = f.read().replace(b"\0", b" ").decode("utf-8", "replace")
+        if "torch" not in cmdline:
+            logger.debug("parent %d is not torchrun (%s); tied to it all the same", parent, cmdline[:200])
+    except OSError:
+        pass
+    return True
+
+
+class SaveDirLock:
+    """An exclusive ``fcntl.flock`` on ``<save>/.lock``, held for the whole run by rank 0.
+
+    Two jobs writing one ``--save`` directory would interleave checkpoints and trackers; the
+    second is refused with the first one's pid and host (written into the file). The kernel
+    drops the lock when the holder dies, however it dies, so a stale file never blocks a
+    restart."""
+
+    NAME = ".lock"
+
+    def __init__(self, directory: str) -> None:
+        import fcntl
+
+        self.path = os.path.join(directory, self.NAME)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = self._holder()
+            os.close(self._fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise SaveDirBusyError(
+                    f"--save {directory} is in use by another training job ({holder}); wait for it to finish "
+                    f"or stop it, or save this run elsewhere") from None
+            raise
+        os.ftruncate(self._fd, 0)
+        os.write(self._fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                       "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode() + b"\n")
+
+    def _holder(self) -> str:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                info = json.loads(f.read() or "{}")
+            return f"pid {info['pid']} on {info['host']}, since {info['since']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "holder unknown"
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+
+class SaveDirBusyError(RuntimeError):
+    """Another job holds the ``--save`` directory's lock."""
+
+
+def lock_save_dir(directory: str) -> None:
+    """Rank 0 takes the ``--save`` lock for this process's run (released by :func:`teardown`)."""
+    global _SAVE_LOCK
+    if _SAVE_LOCK is not None:
+        _SAVE_LOCK.release()
+    _SAVE_LOCK = SaveDirLock(directory)
 
 
 @dataclass
@@ -79,6 +179,7 @@ def setup_parallel(tensor_parallel_size: int = 1, pipeline_parallel_size: int = 
             # One process, not launched: an in-memory store, no TCP port to pick (a free port found
             # here could be taken by another program before the store binds it: EADDRINUSE).
             kwargs["store"] = dist.HashStore()
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
         if backend == "nccl" and "device_id" in inspect.signature(dist.init_process_group).parameters:
             kwargs["device_id"] = device  # binds the communicator to this GPU eagerly (torch >= 2.3)
@@ -153,3 +254,7 @@ def teardown() -> None:
     if _CREATED_PROCESS_GROUP and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     _CREATED_PROCESS_GROUP = False
+    global _SAVE_LOCK
+    if _SAVE_LOCK is not None:
+        _SAVE_LOCK.release()
+        _SAVE_LOCK = None

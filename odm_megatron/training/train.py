@@ -28,10 +28,9 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from odm_megatron.options import policy_hyperparameters
 from odm_megatron.training import checkpoint as ckpt
 from odm_megatron.training.arguments import ConfigError
-from odm_megatron.training.data import PositionTaggedDataset, build_datasets, resolve_prior, resolve_sources
+from odm_megatron.training.data import PositionTaggedDataset, build_datasets, resolve_sources
 from odm_megatron.training.evaluate import evaluate
 from odm_megatron.training.metrics import (MetricsLogger, SampleOrderLogger, console_eval_line,
                                            console_train_line)
@@ -39,7 +38,7 @@ from odm_megatron.training.model import (allreduce_tied_embedding_grads, batch_t
                                          gpt_forward)
 from odm_megatron.training.optim import (LRSchedule, allreduce_data_parallel_grads, build_optimizer,
                                          clip_grad_norm)
-from odm_megatron.training.parallel import ParallelEnv, setup_parallel
+from odm_megatron.training.parallel import ParallelEnv, SaveDirBusyError, lock_save_dir, setup_parallel
 
 logger = logging.getLogger(__name__)
 
@@ -61,12 +60,9 @@ class TrainSummary:
 
 
 def _build_mixer(args: argparse.Namespace, names: List[str], prior: np.ndarray, train_dataset, env: ParallelEnv):
-    from odm_megatron.mixer import MixerConfig, OnlineMixer
+    from odm_megatron.mixer import OnlineMixer
 
-    policy_kwargs = policy_hyperparameters(args) if args.policy != "static" else {}
-    config = MixerConfig(domain_names=names, seed=args.seed, global_batch_size=args.global_batch_size,
-                         update_interval=args.update_interval, lag=args.odm_lag, policy=args.policy,
-                         policy_kwargs=policy_kwargs)
+    config = args.odm_config.mixer_config(names, args.seed, args.global_batch_size)  # set by validate_args
     try:
         return OnlineMixer(config, prior=prior, num_samples_per_domain=train_dataset.num_samples_per_domain,
                            device=env.device)
@@ -101,14 +97,29 @@ def _masked_mean(per_token_loss: torch.Tensor, loss_mask: torch.Tensor) -> torch
     return (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
 
 
+class NonFiniteLossError(RuntimeError):
+    """Training stopped: too many consecutive non-finite steps, or parameters that are not finite
+    where a checkpoint was due (never saved). One line for the user."""
+
+
+def _mark_nonfinite(flags: torch.Tensor, per_token_loss: torch.Tensor, loss_mask: torch.Tensor,
+                    dataset_id: torch.Tensor) -> None:
+    """``flags[d] += 1`` for every sample of domain ``d`` with a non-finite counted loss (no host sync)."""
+    bad = (~torch.isfinite(per_token_loss.detach()) & (loss_mask > 0)).any(dim=1)
+    flags.index_add_(0, dataset_id.to(device=flags.device, dtype=torch.int64), bad.to(flags.dtype))
+
+
 def forward_backward(model: torch.nn.Module, batches: List[dict], mixer, args: argparse.Namespace,
-                     env: ParallelEnv) -> torch.Tensor:
+                     env: ParallelEnv, nonfinite: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Forward and backward over this step's micro-batches; returns the mean of the micro-batch
-    losses on the last stage (0 elsewhere). Gradients accumulate in ``param.grad``."""
+    losses on the last stage (0 elsewhere). Gradients accumulate in ``param.grad``. ``nonfinite``
+    (one counter per domain), when given, counts the samples whose loss was not finite."""
     n = len(batches)
 
     def loss_func(batch: dict, per_token_loss: torch.Tensor):
         mixer.accumulate(per_token_loss, batch["loss_mask"], batch["dataset_id"])
+        if nonfinite is not None:
+            _mark_nonfinite(nonfinite, per_token_loss, batch["loss_mask"], batch["dataset_id"])
         loss = _masked_mean(per_token_loss, batch["loss_mask"])
         return loss, {"lm loss": loss.detach()}
 
@@ -147,6 +158,71 @@ def _global_mean_loss(local_mean: torch.Tensor, env: ParallelEnv) -> float:
     return float(value.item()) / env.dp_size
 
 
+def _nonfinite_domains(flags: torch.Tensor, names: List[str], env: ParallelEnv) -> List[str]:
+    """Names of the domains with a non-finite loss this step on any rank (collective)."""
+    if env.world_size > 1:
+        dist.all_reduce(flags)
+    return [names[i] for i in torch.nonzero(flags).flatten().tolist()]
+
+
+def _parameters_finite(model: torch.nn.Module, env: ParallelEnv) -> bool:
+    """Whether every parameter on every rank is finite (collective)."""
+    ok = all(bool(torch.isfinite(p.detach()).all()) for p in model.parameters())
+    flag = torch.tensor([0.0 if ok else 1.0], device=env.device)
+    if env.world_size > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() == 0.0
+
+
+def _write_problem(directory: str, size: int = 1 << 20) -> Optional[OSError]:
+    """The OSError that writing ``size`` bytes into ``directory`` gives now, or None."""
+    import os
+
+    from odm_megatron.output_errors import is_write_error
+
+    probe = os.path.join(directory, f".write-test-{os.getpid()}")
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * size)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        return e if is_write_error(e) else None
+    finally:
+        try:
+            os.remove(probe)
+        except OSError:
+            pass
+    return None
+
+
+def prepare_output_dirs(args: argparse.Namespace) -> None:
+    """Create ``--save`` and ``--log-dir``, prove they take a file, and (rank 0) lock ``--save``
+    for this run, before any process group or model exists."""
+    import os
+
+    from odm_megatron.output_errors import describe_write_error
+
+    for flag, directory in (("--save", getattr(args, "save", None)), ("--log-dir", getattr(args, "log_dir", None))):
+        if not directory:
+            continue
+        probe = os.path.join(directory, f".write-test-{os.getpid()}")
+        try:
+            os.makedirs(directory, exist_ok=True)
+            with open(probe, "wb") as f:
+                f.write(b"x")
+            os.remove(probe)
+        except OSError as e:
+            raise ConfigError(describe_write_error(e, directory, flag)) from None
+    if getattr(args, "save", None) and os.environ.get("RANK", "0") == "0":
+        try:
+            lock_save_dir(args.save)
+        except SaveDirBusyError as e:
+            raise ConfigError(str(e)) from None
+        except OSError as e:
+            raise ConfigError(describe_write_error(e, args.save, "--save")) from None
+
+
 def quiet_logging() -> None:
     """megatron-core logs every dataset index it builds at INFO; keep the console readable, and
     let only rank 0 of a multi-process job speak below WARNING."""
@@ -164,7 +240,8 @@ def run_training(args: argparse.Namespace) -> TrainSummary:
     quiet_logging()
     # Manifests and prior first: they only read files, so their errors come before any process group.
     sources = resolve_sources(args)
-    prior = resolve_prior(args.prior, sources.domain_names, sources.train.natural_weights)
+    prior = args.odm_config.resolve_prior(sources.domain_names, sources.train.natural_weights)
+    prepare_output_dirs(args)  # unwritable --save/--log-dir: one line now, not a traceback later
     env = setup_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, seed=args.seed,
                          backend=args.distributed_backend, timeout_minutes=args.distributed_timeout_minutes)
     if env.dp_size != args.data_parallel_size:
@@ -208,7 +285,7 @@ def run_training(args: argparse.Namespace) -> TrainSummary:
     if log_rank:
         logger.info("training for %d steps from step %d: %d domains, policy %s, global batch %d x %d tokens "
                     "(%d micro-batches x %d x DP %d)", args.train_iters, iteration, len(names),
-                    args.policy, args.global_batch_size, args.seq_length, args.num_microbatches,
+                    args.odm_policy, args.global_batch_size, args.seq_length, args.num_microbatches,
                     args.micro_batch_size, env.dp_size)
 
     def run_eval(at: int) -> None:
@@ -221,9 +298,33 @@ def run_training(args: argparse.Namespace) -> TrainSummary:
         if log_rank:
             logger.info(console_eval_line(last_eval))
 
+    nonfinite_streak = 0  # consecutive steps with a non-finite loss or gradient norm (updates skipped)
+    nonfinite_first = 0
+
     def save(at: int) -> None:
         nonlocal last_saved
-        ckpt.save_checkpoint(args.save, at, model, optimizer, scheduler, mixer, args, env, names)
+        if nonfinite_streak:
+            if log_rank:
+                logger.warning("step %d: not saving a checkpoint: the loss of this step was not finite", at)
+            return
+        if not _parameters_finite(model, env):
+            raise NonFiniteLossError(
+                f"step {at}: model parameters are not finite; refusing to save a poisoned checkpoint under "
+                f"{args.save} (last saved: {last_saved or 'none this run'}); lower --lr and resume from it")
+        try:
+            ckpt.save_checkpoint(args.save, at, model, optimizer, scheduler, mixer, args, env, names)
+        except (OSError, RuntimeError) as e:
+            from odm_megatron.output_errors import describe_write_error, is_write_error
+
+            # torch.save reports a full disk as a RuntimeError ("unexpected pos ..."): ask the disk
+            cause = e if is_write_error(e) else _write_problem(args.save)
+            if cause is None:
+                raise
+            raise ConfigError(describe_write_error(cause, getattr(e, "filename", None) or ckpt.iteration_dir(args.save, at),
+                                                   "--save")
+                              + f" (the checkpoint of step {at} was not completed; the last complete one "
+                                f"({'step ' + str(last_saved) if last_saved else 'from before this run, if any'}) "
+                                f"is kept)") from None
         last_saved = at
 
     # --- the loop ----------------------------------------------------------------------------
@@ -237,31 +338,58 @@ def run_training(args: argparse.Namespace) -> TrainSummary:
                 order_log.log(step + 1, micro, batch["dataset_id"].tolist(), batch.pop("position").tolist())
             batches.append(batch_to_device(batch, env.device))
 
-        local_loss = forward_backward(model, batches, mixer, args, env)
+        nonfinite = torch.zeros(len(names), dtype=torch.int64, device=env.device)
+        local_loss = forward_backward(model, batches, mixer, args, env, nonfinite)
         allreduce_data_parallel_grads(model, env)
         allreduce_tied_embedding_grads(model, env)
         grad_norm = clip_grad_norm(model, args.clip_grad, env)
         lr = scheduler.current_lr
-        optimizer.step()
-        scheduler.step()
+        last_loss = _global_mean_loss(local_loss, env)  # the same on every rank, as grad_norm
+        finite = math.isfinite(last_loss) and math.isfinite(grad_norm)
+        if finite:
+            optimizer.step()
+            scheduler.step()
+        # else: skip the update (Megatron-LM skips a step whose gradients hold inf/nan), so the model
+        # and the optimizer stay finite; the data of the step is consumed all the same
         optimizer.zero_grad(set_to_none=True)
         record = mixer.step_end(step)
         iteration = step + 1
-
-        last_loss = _global_mean_loss(local_loss, env)
+        if not finite:
+            nonfinite_streak += 1
+            if nonfinite_streak == 1:
+                nonfinite_first = iteration
+                bad = _nonfinite_domains(nonfinite, names, env)  # collective; every rank is here
+                if log_rank:
+                    logger.warning(
+                        "step %d: %s (loss %s, gradient norm %s)%s; the update is skipped and no checkpoint is "
+                        "saved while this lasts; training stops after %s such steps in a row "
+                        "(--max-nonfinite-steps)", iteration,
+                        "non-finite loss" if not math.isfinite(last_loss) else "non-finite gradient norm",
+                        last_loss, grad_norm, f" in domain(s) {', '.join(bad)}" if bad else "",
+                        args.max_nonfinite_steps or "no number of")
+        elif nonfinite_streak:
+            if log_rank:
+                logger.warning("step %d: the loss is finite again after %d skipped step(s) from step %d",
+                               iteration, nonfinite_streak, nonfinite_first)
+            nonfinite_streak = 0
         step_time = time.perf_counter() - t0
         metrics.log_train(iteration, last_loss, lr, grad_norm, tokens_per_step / step_time, step_time)
         if record is not None:
-            line = record.to_json(names)
-            line["step"] = record.step + 1
-            line["effective_step"] = record.effective_step + 1
+            line = record.to_json(names)  # steps 1-based, as the iterations
             metrics.log_mixture(line)
             order_log.log_update(line)
         if log_rank and (iteration % args.log_interval == 0 or iteration == 1 or iteration == args.train_iters):
             logger.info(console_train_line(iteration, args.train_iters, last_loss, lr, grad_norm,
                                            tokens_per_step / step_time, step_time, names, weights))
-        if not math.isfinite(last_loss) and log_rank:
-            logger.warning("step %d: non-finite loss %s", iteration, last_loss)
+        if args.max_nonfinite_steps and nonfinite_streak >= args.max_nonfinite_steps:
+            metrics.close()
+            order_log.close()
+            raise NonFiniteLossError(
+                f"stopped at step {iteration}: the loss or gradient norm was not finite for {nonfinite_streak} "
+                f"step(s) in a row (from step {nonfinite_first}; --max-nonfinite-steps {args.max_nonfinite_steps}); "
+                f"their updates were skipped and nothing was saved after "
+                f"{'step ' + str(last_saved) if last_saved else 'the start'}: lower --lr or check those domains' "
+                f"data, then resume from the last checkpoint")
 
         if args.eval_interval > 0 and iteration % args.eval_interval == 0:
             run_eval(iteration)
