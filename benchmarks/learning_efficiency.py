@@ -22,7 +22,7 @@ report and applies the decision rule). On mini_pile (10 real domains of very une
 
 Usage::
 
-    # the full protocol (5 seeds x 2 horizons x 2 settings; about 70 runs, many CPU hours)
+    # the full protocol (5 seeds x 2 horizons x 2 settings: 50 runs, about 10 run-hours on CPU)
     python benchmarks/learning_efficiency.py --seeds 1 2 3 4 5 --horizons 400 1200 \\
         --settings default alt --policies uniform odm-exp3 odm-progress
     python benchmarks/learning_efficiency.py --smoke --output /tmp/le    # synthetic corpus, 3 runs, ~1 min
