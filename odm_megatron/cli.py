@@ -21,6 +21,8 @@ SUBCOMMANDS = {
     "plot": ("odm_megatron.training.plot", "plot mixing weights and per-domain validation perplexity from log dirs"),
     "megatron-lm": ("odm_megatron.integrations.megatron_lm.launcher",
                     "run a Megatron-LM script (e.g. pretrain_gpt.py) unmodified, with online data mixing"),
+    "pretrain-gpt": ("odm_megatron.integrations.megatron_lm.pretrain_gpt",
+                     "Megatron-LM's GPT pretraining from the megatron-core wheel (>= 0.17), with online data mixing"),
 }
 
 

@@ -28,6 +28,7 @@ __all__ = ["Adapter", "ADAPTERS", "UnsupportedMegatronError", "detect", "megatro
 
 TRAINING = "megatron.training.training"
 ARGUMENTS = "megatron.training.arguments"
+CFG_CONTAINER = "megatron.training.argument_utils:pretrain_cfg_container_from_args"
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,9 @@ class Adapter:
     wheel_has_training: bool
     """Whether the megatron-core wheel of this series ships ``megatron.training`` (so that
     ``odm-megatron pretrain-gpt`` runs without a checkout)."""
+    cfg_container: Optional[str] = None
+    """``module:function`` that turns parsed args into ``pretrain``'s first argument (0.18+:
+    ``PretrainConfigContainer``); None: ``pretrain`` parses the arguments itself."""
 
     # Module-level names wrapped in every release (the same in all rows today; here so that a
     # release that renames one gets its own row instead of an ``if``).
@@ -61,11 +65,12 @@ ADAPTERS: Dict[str, Adapter] = {
     for a in (
         Adapter("0.16", "core_v0.16.1", TRAINING, "pretrain", wheel_has_training=False),
         Adapter("0.17", "core_v0.17.1", TRAINING, "pretrain", wheel_has_training=True),
-        Adapter("0.18", "core_v0.18.2", ARGUMENTS, "parse_and_validate_args", wheel_has_training=True),
+        Adapter("0.18", "core_v0.18.2", ARGUMENTS, "parse_and_validate_args", wheel_has_training=True,
+                cfg_container=CFG_CONTAINER),
         Adapter("0.19", "core_v0.19.0 (package_info 0.19.1), wheel 0.19.2", ARGUMENTS, "parse_and_validate_args",
-                wheel_has_training=True),
+                wheel_has_training=True, cfg_container=CFG_CONTAINER),
         Adapter("0.20", "main at d98e8a6 (package_info 0.20.0)", ARGUMENTS, "parse_and_validate_args",
-                wheel_has_training=True),
+                wheel_has_training=True, cfg_container=CFG_CONTAINER),
     )
 }
 

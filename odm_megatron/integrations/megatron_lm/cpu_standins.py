@@ -25,7 +25,7 @@ megatron-core's CUDA RNG tracker and seeding     ``odm_megatron.training.cpu_shi
 ``compile_helpers()``                            runs ``make`` (pybind11, a compiler) in the tree's
                                                  ``megatron/core/datasets``; the installed
                                                  megatron-core wheel's compiled helpers are used
-``legacy.fused_kernels.load``                    runs ``$CUDA_HOME/bin/nvcc``
+``legacy.fused_kernels.load`` (0.16)             runs ``$CUDA_HOME/bin/nvcc``
 ``Tensor.type()`` string                         ``clip_grad_by_total_norm_fp32`` and the optimizers
                                                  assert ``'torch.cuda.FloatTensor'``
 ``torch.cuda.get_device_properties``             ``validate_args`` reads the major version (TP > 1)
@@ -253,8 +253,9 @@ def apply() -> bool:
     training = importlib.import_module("megatron.training.training")
     training.initialize_megatron = initialize.initialize_megatron
     training.build_pretraining_data_loader = _own_generator(training.build_pretraining_data_loader)
-    fused_kernels = importlib.import_module("megatron.legacy.fused_kernels")
-    fused_kernels.load = lambda args: None
+    if importlib.util.find_spec("megatron.legacy") and importlib.util.find_spec("megatron.legacy.fused_kernels"):  # 0.16
+        fused_kernels = importlib.import_module("megatron.legacy.fused_kernels")
+        fused_kernels.load = lambda args: None
     _applied = True
     logger.info("no GPU: Megatron-LM runs on CPU with odm-megatron's stand-ins (%s)", __name__)
     return True
