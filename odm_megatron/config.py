@@ -314,7 +314,8 @@ def add_odm_args(parser_or_group: Any, *, policy_default: Optional[str] = DEFAUL
 
     policies = sorted(POLICIES)
     described = "; ".join(f"{p}: {_POLICY_HELP[p]}" for p in policies if p in _POLICY_HELP)
-    when = (f"default: {policy_default}" if policy_default is not None
+    # "%(default)s": argparse fills it in, and a defaults-showing formatter then adds nothing twice
+    when = ("default: %(default)s" if policy_default is not None
             else "default: off; giving a policy turns online data mixing on over the --data-path domains")
     g.add_argument(*names("--odm-policy", "--policy"), dest="odm_policy", choices=policies, default=policy_default,
                    metavar="POLICY",
@@ -323,14 +324,14 @@ def add_odm_args(parser_or_group: Any, *, policy_default: Optional[str] = DEFAUL
     g.add_argument(*names("--odm-prior", "--prior"), dest="odm_prior", default="natural", metavar="PRIOR",
                    help="the weights the policy starts from (static keeps them): natural (the --data-path "
                         "weights if given, else each domain's size), uniform, W1,W2,... (one per domain in "
-                        "domain order, normalised), or FILE.json ({domain: weight}) (default: natural)")
+                        "domain order, normalised), or FILE.json ({domain: weight}) (default: %(default)s)")
     g.add_argument(*names("--odm-update-interval", "--update-interval"), dest="odm_update_interval", type=int,
                    default=DEFAULT_UPDATE_INTERVAL, metavar="N",
-                   help=f"optimizer steps per policy update, >= 1: each update all-reduces the window's "
-                        f"per-domain losses once and moves the weights (default: {DEFAULT_UPDATE_INTERVAL})")
+                   help="optimizer steps per policy update, >= 1: each update all-reduces the window's "
+                        "per-domain losses once and moves the weights (default: %(default)s)")
     g.add_argument("--odm-lag", dest="odm_lag", type=int, default=DEFAULT_LAG, metavar="STEPS",
-                   help=f"steps between a policy update and the first step sampled with its weights, >= 0; "
-                        f"the data loader may prefetch at most this many steps ahead (default: {DEFAULT_LAG})")
+                   help="steps between a policy update and the first step sampled with its weights, >= 0; "
+                        "the data loader may prefetch at most this many steps ahead (default: %(default)s)")
     for flag, (keyword, kind, metavar, text) in POLICY_HYPERPARAMETERS.items():
         g.add_argument(flag, dest="odm_" + keyword, type=kind, default=None, metavar=metavar, help=text)
     g.add_argument("--odm-domain-names", dest="odm_domain_names", nargs="+", default=None, metavar="NAME",
