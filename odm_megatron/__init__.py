@@ -13,3 +13,7 @@ The library is layered, from pure math to framework glue:
 """
 
 __version__ = "0.1.0"
+
+from odm_megatron import _quiet
+
+_quiet.install()  # before any megatron-core import: drop its Transformer Engine / Apex / FSDP chatter

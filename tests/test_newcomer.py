@@ -43,8 +43,11 @@ def test_train_evaluates_whatever_validation_domains_are_given(tmp_path):
     valid = make_corpus(str(tmp_path / "valid"), seed=1, docs_per_domain=12, domains=("motif", "prose", "counting"))
     logs = str(tmp_path / "logs")
     proc = run_cli(["train", "--manifest", train, "--valid-manifest", valid, *TINY_MODEL, "--global-batch-size", "8",
-                    "--train-iters", "4", "--eval-interval", "2", "--log-dir", logs, "--no-tensorboard"])
+                    "--train-iters", "4", "--eval-interval", "2", "--log-dir", logs, "--no-tensorboard",
+                    "--threads", "1"])
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "torch CPU threads: 1 (--threads)" in proc.stderr
+    assert "Megatron-FSDP" not in proc.stderr  # megatron-core's import-time INFO lines (odm_megatron._quiet)
     startup = [line for line in proc.stderr.splitlines() if "no validation data" in line]
     assert len(startup) == 1, proc.stderr
     assert "2 of 3 trained domains" in startup[0] and "noise" in startup[0] and "prose" in startup[0]
@@ -66,3 +69,108 @@ def test_train_evaluates_whatever_validation_domains_are_given(tmp_path):
     from odm_megatron.training.plot import plot_runs
 
     assert os.path.getsize(plot_runs([logs], str(tmp_path / "plot.png"))) > 10_000
+
+
+# --- a quiet console ------------------------------------------------------------------------------
+
+NOISE = ("Transformer Engine", "Apex", "Megatron-FSDP")
+
+
+def test_importing_the_library_says_nothing_about_absent_optional_dependencies():
+    """With Python's default warning filters and INFO logging (as a user's script has them),
+    importing every layer and the trainer prints none of megatron-core's Transformer Engine /
+    Apex / Megatron-FSDP lines."""
+    import subprocess
+    import sys
+
+    code = ("import logging; logging.basicConfig(level=logging.INFO); "
+            "import odm_megatron.dataset, odm_megatron.mixer, odm_megatron.training.train; "
+            "import megatron.core.optimizer; logging.getLogger('megatron.core').warning('still heard')")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not [n for n in NOISE if n in proc.stderr], proc.stderr
+    assert "still heard" in proc.stderr  # megatron-core's other messages still reach the user
+
+
+# --- flags a new user reaches for ---------------------------------------------------------------
+
+def _help(command):
+    import contextlib
+    import io
+
+    from odm_megatron.cli import main as cli_main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        cli_main([command, "--help"])
+    return " ".join(out.getvalue().split())  # argparse wraps lines
+
+
+def test_help_explains_the_flags_a_newcomer_asks_about():
+    train = _help("train")
+    assert "--threads N torch CPU threads" in train
+    assert "--distributed-timeout-minutes DISTRIBUTED_TIMEOUT_MINUTES how long a collective" in train
+    assert "(default: odm-exp3)" in train
+    assert "--title TITLE a title above the figure" in _help("plot")
+    tokenizer = _help("train-tokenizer")
+    assert "(default: 100M)" in tokenizer and "100000000" not in tokenizer
+
+
+def test_sample_bytes_default_is_the_size_its_help_shows():
+    import argparse
+
+    from odm_megatron.preprocess.tokenizer_cli import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--input", "x.jsonl", "--vocab-size", "512", "--output", "tok"])
+    assert args.sample_bytes == 100_000_000
+    assert parser.parse_args(["--input", "x", "--vocab-size", "512", "--output", "t", "--sample-bytes", "2G"]
+                             ).sample_bytes == 2_000_000_000
+
+
+# --- the README's library example runs ------------------------------------------------------------
+
+EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "library_usage.py")
+
+
+def _readme_library_snippet() -> str:
+    readme = open(os.path.join(os.path.dirname(EXAMPLE), "..", "README.md"), encoding="utf-8").read()
+    section = readme[readme.index("## Library use"):]
+    start = section.index("```python\n") + len("```python\n")
+    return section[start:section.index("\n```", start)]
+
+
+def test_readme_library_snippet_is_part_of_the_tested_example():
+    import textwrap
+
+    snippet = textwrap.dedent(_readme_library_snippet())
+    example = textwrap.dedent(open(EXAMPLE, encoding="utf-8").read())
+    body = "\n".join(line[4:] if line.startswith("    ") else line for line in example.splitlines())
+    assert len(snippet.splitlines()) >= 15
+    assert snippet in example or snippet in body, "README's snippet is not verbatim in examples/library_usage.py"
+
+
+def test_library_example_runs(tmp_path):
+    import importlib.util
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, EXAMPLE, "--steps", "12", "--workdir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "12 policy updates over 12 steps" in proc.stdout
+    for domain in ("Pile-CC", "Wikipedia (en)", "DM Mathematics", "Github", "Enron Emails"):
+        assert domain in proc.stdout
+    saved = __import__("torch").load(str(tmp_path / "checkpoint.pt"), weights_only=False)
+    assert saved["step"] == 12 and saved["bandit"]
+
+    spec = importlib.util.spec_from_file_location("library_usage", EXAMPLE)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    records = example.train(str(tmp_path / "shards" / "manifest.json"), steps=6, cache=str(tmp_path / "cache"))
+    assert [r["update"] for r in records] == list(range(1, 7))
+    assert all(abs(sum(r["weights"].values()) - 1) < 1e-9 for r in records)
+    assert sum(sum(r["tokens"].values()) for r in records) == 6 * 8 * 64  # 6 steps x 8 samples x 64 tokens

@@ -55,7 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="SentencePiece algorithm")
     parser.add_argument("--output", required=True, metavar="PREFIX",
                         help="writes PREFIX.model, PREFIX.vocab and PREFIX.json (what the sample held)")
-    parser.add_argument("--sample-bytes", type=parse_size, default=parse_size("100M"), metavar="N",
+    # A string default: argparse parses it with `type` (100000000 bytes) and --help shows "100M".
+    parser.add_argument("--sample-bytes", type=parse_size, default="100M", metavar="N",
                         help="text to train on (e.g. 50M, 2G): split evenly across domains, a domain smaller "
                              "than its share is taken whole and the rest goes to the others")
     parser.add_argument("--domain-key", default=DEFAULT_DOMAIN_KEY, metavar="DOTTED.KEY",

@@ -15,10 +15,4 @@ One job per module:
 - :mod:`.cli`         ``add_arguments`` / ``main``
 - :mod:`.plot`        ``odm-megatron plot``
 """
-import warnings
-
-# megatron-core warns at import that Transformer Engine / Apex are absent; the local layer spec
-# used here needs neither, so the warning is noise for every odm-megatron user.
-warnings.filterwarnings("ignore", message=r".*Transformer Engine and Apex are not installed.*")
-warnings.filterwarnings("ignore", message=r".*Transformer Engine is not installed.*")
-warnings.filterwarnings("ignore", message=r".*Apex is not installed.*")
+# megatron-core's start-up warnings about Transformer Engine / Apex are dropped by odm_megatron._quiet.
