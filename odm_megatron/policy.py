@@ -21,9 +21,10 @@ Policies
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from typing import Any, Callable, Dict, Optional, Type
+from typing import Any, Dict, Iterator, Optional, Type
 
 import numpy as np
 
@@ -382,6 +383,24 @@ def register_policy(cls: Type[MixingPolicy]) -> Type[MixingPolicy]:
     """Class decorator: make a policy selectable by ``make_policy(cls.name, ...)``."""
     POLICIES[cls.name] = cls
     return cls
+
+
+@contextlib.contextmanager
+def policy_registered(cls: Type[MixingPolicy]) -> Iterator[Type[MixingPolicy]]:
+    """Make ``cls`` selectable inside the block only, then restore the registry as it was.
+
+    For tests and experiments: a policy registered at import time would change every later
+    ``POLICIES`` listing (CLI choices, parametrised tests) depending on what happened to be
+    imported first. A mixer built inside the block keeps its policy object after it."""
+    previous = POLICIES.get(cls.name)
+    POLICIES[cls.name] = cls
+    try:
+        yield cls
+    finally:
+        if previous is None:
+            del POLICIES[cls.name]
+        else:
+            POLICIES[cls.name] = previous
 
 
 def make_policy(name: str, prior: np.ndarray, **hyperparameters: Any) -> MixingPolicy:
