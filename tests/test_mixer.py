@@ -186,3 +186,106 @@ def test_sampler_rejects_bad_layouts():
         mixer.global_batch(3)
     with pytest.raises(ValueError, match="out of order"):
         mixer.step_end(2)
+
+
+def _tokens_by_step(out, steps, k):
+    """Per-domain token counts of each step's global batch, from the synthetic losses' masks."""
+    counts = {}
+    for step, (domains, positions) in zip(steps, out["global"]):
+        _, mask, ids = synthetic_loss(list(zip(domains.tolist(), positions.tolist())))
+        counts[step] = np.bincount(ids.numpy(), weights=mask.sum(dim=1).numpy(), minlength=k).astype(np.int64)
+    return counts
+
+
+@pytest.mark.parametrize("old, new", [(1, 3), (3, 1), (2, 5)])
+def test_resume_with_another_update_interval(tmp_path, caplog, old, new):
+    """Issue 11 problem 8: --update-interval changed on resume (1 -> 3 used to crash with "weights
+    for step 18 were discarded"). The open window keeps its start and closes `new` steps after it;
+    each update sees exactly its window's tokens (the restored part included) and the mean of the
+    weights that drew them; the sample stream goes on without a repeat or a skip."""
+    sizes, save_at, end = [13, 5, 40, 9], 19, 31
+    first = make_mixer(sizes, interval=old, lag=2)
+    head = train_synthetic(first, range(0, end), micro_batch_size=2, stop_before=save_at)
+    first.save(str(tmp_path / "bandit.json"))
+    window_start = save_at - save_at % old  # updates so far at multiples of `old`
+
+    resumed = make_mixer(sizes, interval=new, lag=2)
+    with caplog.at_level("WARNING"):
+        resumed.load(str(tmp_path / "bandit.json"))
+    assert f"resuming with update_interval={new} (state has {old})" in caplog.text
+    recording = make_mixer(sizes, interval=new, lag=2)  # the same run, recording what the windows saw
+    recording.load(str(tmp_path / "bandit.json"))
+    tail = train_synthetic(resumed, range(save_at, end), micro_batch_size=2)
+
+    tokens = _tokens_by_step(head, range(0, save_at), 4)
+    tokens.update(_tokens_by_step(tail, range(save_at, end), 4))
+    weights = dict(enumerate(head["weights"]))
+    weights.update(zip(range(save_at, end), tail["weights"]))
+    # the window closes `new` steps after its start, or at the first step after the resume
+    expected_ends = list(range(max(window_start + new, save_at + 1) - 1, end, new))
+    assert [r[0] for r in tail["records"]] == expected_ends
+    start = window_start
+    for step, _, _, token_counts in tail["records"]:
+        np.testing.assert_array_equal(token_counts, sum(tokens[s] for s in range(start, step + 1)))
+        start = step + 1
+    # the first window's sampling probabilities: the weights of its steps, before and after the resume
+    domains, positions = recording.draw_global_batch(save_at)
+    for s in range(save_at, expected_ends[0] + 1):
+        if s > save_at:
+            domains, positions = recording.draw_global_batch(s)
+        recording.accumulate(*synthetic_loss(list(zip(domains.tolist(), positions.tolist()))))
+        record = recording.step_end(s)
+    np.testing.assert_allclose(record.sampling_probs,
+                               np.mean([weights[s] for s in range(window_start, expected_ends[0] + 1)], axis=0),
+                               rtol=0, atol=1e-15)
+    # no sample repeated or skipped across the resume
+    served = {d: [] for d in range(4)}
+    for keys in head["keys"] + tail["keys"]:
+        for d, p in keys:
+            served[d].append(p)
+    for d, positions in served.items():
+        assert positions == list(range(len(positions)))
+    for w in tail["weights"]:
+        assert np.all(w >= 0) and w.sum() == pytest.approx(1.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("interval, old, new", [(1, 3, 0), (2, 3, 1), (2, 2, 0), (1, 0, 3)])
+def test_resume_with_another_lag(tmp_path, interval, old, new):
+    """A shorter lag makes a new decision land at or before one made under the longer lag: the
+    newer one wins from its step on, and every step samples with the decision in force at it."""
+    sizes, save_at, end = [13, 5, 40, 9], 10, 24
+    first = make_mixer(sizes, interval=interval, lag=old)
+    train_synthetic(first, range(0, end), micro_batch_size=2, stop_before=save_at)
+    state = first.state_dict()
+    resumed = make_mixer(sizes, interval=interval, lag=new)
+    resumed.load_state_dict(state)
+    tail = train_synthetic(resumed, range(save_at, end), micro_batch_size=2)
+    assert len(tail["records"]) == (end - save_at) // interval
+    for i, step in enumerate(range(save_at, end)):
+        np.testing.assert_array_equal(tail["weights"][i], _in_force(state["schedule"], tail["records"], new, step))
+
+
+def _in_force(pending, records, lag, step):
+    """The weights in force at ``step``, from the decisions known when it was drawn (after
+    ``step_end(step - 1)``): the checkpoint's, then each update's, a newer one replacing older
+    ones from its effective step on."""
+    decisions = [(s, np.asarray(w)) for s, w in pending]
+    for last_step, weights, _, _ in records:
+        if last_step >= step:
+            break  # decided after `step` was drawn
+        effective = last_step + 1 + lag
+        decisions = [(s, w) for s, w in decisions if s < effective] + [(effective, weights)]
+    return [w for s, w in decisions if s <= step][-1]
+
+
+def test_mixture_records_are_1_based():
+    """mixture.jsonl counts iterations from 1, whichever front end writes it (issue 10 item 4)."""
+    mixer = make_mixer([10, 10, 10], interval=3, lag=2, names=["a", "b", "c"])
+    for step in range(3):
+        domains, positions = mixer.draw_global_batch(step)
+        mixer.accumulate(*synthetic_loss(list(zip(domains.tolist(), positions.tolist()))))
+        record = mixer.step_end(step)
+    assert (record.step, record.effective_step) == (2, 5)  # 0-based: step_end(2) ends the 3rd step
+    line = record.to_json(["a", "b", "c"])
+    assert (line["step"], line["effective_step"], line["update"]) == (3, 6, 1)
+    assert set(line["weights"]) == {"a", "b", "c"}
