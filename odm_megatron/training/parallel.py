@@ -140,7 +140,6 @@ class ParallelEnv:
     pp_size: int
     dp_rank: int
     dp_size: int
-    cpu_shims: bool
 
     @property
     def is_first_stage(self) -> bool:
@@ -159,7 +158,7 @@ def setup_parallel(tensor_parallel_size: int = 1, pipeline_parallel_size: int = 
     from odm_megatron.training.cpu_shims import apply_cpu_shims, model_parallel_cpu_manual_seed
 
     have_gpu = torch.cuda.is_available()
-    shims = apply_cpu_shims()
+    apply_cpu_shims()
     if backend == "auto":
         backend = "nccl" if have_gpu else "gloo"
     rank = int(os.environ.get("RANK", "0"))
@@ -198,7 +197,6 @@ def setup_parallel(tensor_parallel_size: int = 1, pipeline_parallel_size: int = 
         tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=ps.get_tensor_model_parallel_world_size(),
         pp_rank=ps.get_pipeline_model_parallel_rank(), pp_size=ps.get_pipeline_model_parallel_world_size(),
         dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
-        cpu_shims=shims,
     )
     set_seed(seed, env)
     if not have_gpu:
@@ -230,13 +228,6 @@ def set_seed(seed: int, env: ParallelEnv) -> None:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
-
-
-def all_reduce_sum(tensor: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
-    """In-place sum over ``group`` (no-op for one process)."""
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
-    return tensor
 
 
 def teardown() -> None:
