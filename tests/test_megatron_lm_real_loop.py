@@ -132,13 +132,14 @@ def megatron_args(shards: Dict[str, object], save: str, layout: str) -> List[str
 
 
 def run_job(entry: List[str], args: List[str], env_extra: Dict[str, str], log: str) -> str:
-    """One torchrun job (2 processes); returns its output, fails the test on a non-zero exit."""
+    """One torchrun job (2 processes) of ``odm-megatron ENTRY ARGS`` (or, with ``entry[0]`` a
+    ``.py`` file, of that script); returns its output, fails the test on a non-zero exit."""
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", CUDA_DEVICE_MAX_CONNECTIONS="1", PYTHONWARNINGS="ignore")
     env.update(env_extra)
+    program = entry if entry[0].endswith(".py") else ["--no-python", _odm_megatron_script(), *entry]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           "--no-python", _odm_megatron_script(), *entry, *args]
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *program, *args]
     proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, timeout=JOB_TIMEOUT_S)
     with open(log, "w", encoding="utf-8") as f:
@@ -230,14 +231,52 @@ def test_pretrain_gpt_resume_is_exact(pretrain_gpt_ready, shards, layout, tmp_pa
     run_three(["pretrain-gpt"], shards, layout, tmp_path, {})
 
 
-@pytest.mark.skipif(not os.environ.get("MEGATRON_LM_DIR"),
-                    reason="set MEGATRON_LM_DIR to a Megatron-LM checkout (tools/check_megatron_lm.sh does)")
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_megatron_lm_checkout_resume_is_exact(shards, layout, tmp_path):
-    """``odm-megatron megatron-lm CHECKOUT/pretrain_gpt.py``: a user's unmodified checkout."""
+needs_checkout = pytest.mark.skipif(
+    not os.environ.get("MEGATRON_LM_DIR"),
+    reason="set MEGATRON_LM_DIR to a Megatron-LM checkout (tools/check_megatron_lm.sh does)")
+
+
+def _checkout() -> Tuple[str, Dict[str, str]]:
+    """The checkout's pretrain_gpt.py and the environment that puts its megatron package first,
+    as when running that script directly."""
     checkout = os.path.abspath(os.environ["MEGATRON_LM_DIR"])
     script = os.path.join(checkout, "pretrain_gpt.py")
     assert os.path.isfile(script), f"MEGATRON_LM_DIR={checkout} has no pretrain_gpt.py"
-    # The checkout's megatron package first, as when running its pretrain_gpt.py directly.
     pythonpath = os.pathsep.join(p for p in (checkout, os.environ.get("PYTHONPATH", "")) if p)
-    run_three(["megatron-lm", script], shards, layout, tmp_path, {"PYTHONPATH": pythonpath})
+    return script, {"PYTHONPATH": pythonpath}
+
+
+@needs_checkout
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_megatron_lm_checkout_resume_is_exact(shards, layout, tmp_path):
+    """``odm-megatron megatron-lm CHECKOUT/pretrain_gpt.py``: a user's unmodified checkout."""
+    script, env = _checkout()
+    run_three(["megatron-lm", script], shards, layout, tmp_path, env)
+
+
+@needs_checkout
+def test_megatron_lm_checkout_patched_matches_launcher(shards, tmp_path):
+    """``patches/megatron-lm/install.patch`` (the one ``install()`` line) applied to the checkout's
+    pretrain_gpt.py, run directly with ``--odm-policy``, trains exactly as the launcher does."""
+    script, env = _checkout()
+    patched = tmp_path / "patched"
+    patched.mkdir()
+    shutil.copy(script, patched / "pretrain_gpt.py")
+    subprocess.run(["git", "apply", os.path.join(REPO, "patches", "megatron-lm", "install.patch")],
+                   cwd=patched, check=True, capture_output=True)
+    assert "install()" in (patched / "pretrain_gpt.py").read_text(encoding="utf-8")
+    # The rest of the checkout (gpt_builders, megatron, ...) comes from PYTHONPATH.
+    args = lambda save: megatron_args(shards, save, "dp2")  # noqa: E731
+    via_patch = run_job([str(patched / "pretrain_gpt.py")], args(str(tmp_path / "patched_run")), env,
+                        str(tmp_path / "patched.log"))
+    via_launcher = run_job(["megatron-lm", script], args(str(tmp_path / "launcher_run")), env,
+                           str(tmp_path / "launcher.log"))
+    assert iteration_log(via_patch) == iteration_log(via_launcher)
+    assert len(iteration_log(via_patch)) == 2 * N
+    mix = [read_jsonl(os.path.join(odm_dir(str(tmp_path / run)), "mixture.jsonl"))
+           for run in ("patched_run", "launcher_run")]
+    assert len(mix[0]) == 2 * N and mix[0] == mix[1]
+    for iteration in (N, 2 * N):
+        with open(state_file(str(tmp_path / "patched_run"), iteration), encoding="utf-8") as a, \
+                open(state_file(str(tmp_path / "launcher_run"), iteration), encoding="utf-8") as b:
+            assert json.load(a) == json.load(b)
