@@ -155,10 +155,10 @@ def setup_parallel(tensor_parallel_size: int = 1, pipeline_parallel_size: int = 
     """Initialise torch.distributed (always, also for one process: the mixer's collectives and
     megatron-core's parallel_state expect a group) and megatron-core's model-parallel groups, apply
     the CPU shims when there is no GPU, and seed every RNG the way megatron-core expects."""
-    from odm_megatron.training.cpu_shims import apply_cpu_shims, model_parallel_cpu_manual_seed
+    from odm_megatron.training.cpu_shims import apply_cpu_shims
 
     have_gpu = torch.cuda.is_available()
-    apply_cpu_shims()
+    shims = apply_cpu_shims()
     if backend == "auto":
         backend = "nccl" if have_gpu else "gloo"
     rank = int(os.environ.get("RANK", "0"))
