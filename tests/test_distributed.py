@@ -3,7 +3,6 @@ data-parallel size, given the same per-sample losses."""
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 
 from dist_utils import run_distributed
 from mixer_helpers import make_mixer, train_synthetic

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from typing import Dict, List, Optional, Sequence
@@ -16,6 +15,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from core_fixtures import write_indexed_dataset
+from dist_utils import free_port  # noqa: F401  (the one copy; imported from here by other tests too)
 
 VOCAB_SIZE = 256
 EOD = 0
@@ -68,12 +68,6 @@ def make_train_valid(root: str, **kwargs) -> Dict[str, str]:
 
 TINY_MODEL = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
               "--micro-batch-size", "4", "--make-vocab-size-divisible-by", "64"]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_cli(args: List[str], nproc: int = 1, timeout: float = 300, env_extra: Optional[Dict[str, str]] = None
