@@ -56,10 +56,14 @@ class OnlineMixingBatchSampler:
         return max(steps, 0) * self.num_microbatches
 
     def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
+        """Micro-batches from ``consumed_samples`` on. Each step is drawn from the mixer once, in
+        order: a second iterator works only until the mixer completes a step; after that it asks
+        for a step already trained and fails ("out of order"). To restart the loader mid-run, build
+        a new sampler with ``consumed_samples = mixer.completed_steps * global_batch_size``."""
         gbs, mbs, dp = self.global_batch_size, self.micro_batch_size, self.data_parallel_size
         step = self.consumed_samples // gbs
         while (step + 1) * gbs <= self.total_samples:
-            domains, positions = self.mixer.global_batch(step)
+            domains, positions = self.mixer.draw_global_batch(step)
             for m in range(self.num_microbatches):
                 start = m * mbs * dp + self.data_parallel_rank * mbs
                 yield list(zip(domains[start : start + mbs].tolist(), positions[start : start + mbs].tolist()))

@@ -65,7 +65,7 @@ def train_synthetic(
     for step in steps:
         if stop_before is not None and step == stop_before:
             break
-        domains, positions = mixer.global_batch(step)
+        domains, positions = mixer.draw_global_batch(step)
         out["global"].append((domains.copy(), positions.copy()))
         out["weights"].append(mixer.weights_for_step(step))
         for _ in range(sampler.num_microbatches):

@@ -97,7 +97,7 @@ def test_save_in_the_middle_of_a_step_leaves_that_step_out(tmp_path, save_at):
     first = make_mixer(sizes, interval=3, lag=2)
     train_synthetic(first, range(0, 20), micro_batch_size=2, stop_before=save_at)
     between_steps = first.state_dict()
-    domains, positions = first.global_batch(save_at)  # the aborted step: losses in, no step_end
+    domains, positions = first.draw_global_batch(save_at)  # the aborted step: losses in, no step_end
     first.accumulate(*synthetic_loss(list(zip(domains.tolist(), positions.tolist()))))
     mid_step = first.state_dict()
     assert mid_step == between_steps
@@ -183,7 +183,7 @@ def test_sampler_rejects_bad_layouts():
     with pytest.raises(ValueError, match="not a multiple of the global batch size"):
         OnlineMixingBatchSampler(mixer, 80, 4, micro_batch_size=2, data_parallel_rank=0, data_parallel_size=2)
     with pytest.raises(ValueError, match="out of order"):
-        mixer.global_batch(3)
+        mixer.draw_global_batch(3)
     with pytest.raises(ValueError, match="out of order"):
         mixer.step_end(2)
 
@@ -289,3 +289,19 @@ def test_mixture_records_are_1_based():
     line = record.to_json(["a", "b", "c"])
     assert (line["step"], line["effective_step"], line["update"]) == (3, 6, 1)
     assert set(line["weights"]) == {"a", "b", "c"}
+
+
+def test_a_loader_iterator_recreated_after_a_step_is_refused():
+    """A second iterator over the same sampler repeats the draw only until a step completes; after
+    that it asks for a trained step and fails clearly. A new sampler from the completed steps goes on."""
+    mixer = make_mixer([10, 10], gbs=4)
+    sampler = OnlineMixingBatchSampler(mixer, 40, 0, micro_batch_size=4, data_parallel_rank=0, data_parallel_size=1)
+    first = next(iter(sampler))
+    assert next(iter(sampler)) == first  # nothing completed yet: the same draw again
+    mixer.step_end(0)
+    with pytest.raises(ValueError, match="out of order.*re-created"):
+        next(iter(sampler))
+    fresh = OnlineMixingBatchSampler(mixer, 40, mixer.completed_steps * 4, micro_batch_size=4, data_parallel_rank=0,
+                                     data_parallel_size=1)
+    domains, positions = mixer.draw_global_batch(1)
+    assert next(iter(fresh)) == list(zip(domains.tolist(), positions.tolist()))
