@@ -178,8 +178,9 @@ def setup_parallel(tensor_parallel_size: int = 1, pipeline_parallel_size: int = 
             # One process, not launched: an in-memory store, no TCP port to pick (a free port found
             # here could be taken by another program before the store binds it: EADDRINUSE).
             kwargs["store"] = dist.HashStore()
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
+        else:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", "29500")
         if backend == "nccl" and "device_id" in inspect.signature(dist.init_process_group).parameters:
             kwargs["device_id"] = device  # binds the communicator to this GPU eagerly (torch >= 2.3)
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
