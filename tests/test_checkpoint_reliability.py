@@ -7,6 +7,7 @@ the rest reads a checkpoint of one module-scoped run in-process (no process grou
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -26,8 +27,9 @@ from odm_megatron.training.parallel import ParallelEnv
 from training_fixtures import REPO, TINY_MODEL, make_train_valid, read_jsonl, run_cli
 
 ITERS = 9
-ENV1 = ParallelEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo", tp_rank=0,
-                   tp_size=1, pp_rank=0, pp_size=1, dp_rank=0, dp_size=1, cpu_shims=True)
+_ONE_RANK = dict(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo", tp_rank=0, tp_size=1,
+                 pp_rank=0, pp_size=1, dp_rank=0, dp_size=1, cpu_shims=True)
+ENV1 = ParallelEnv(**{f.name: _ONE_RANK[f.name] for f in dataclasses.fields(ParallelEnv) if f.name in _ONE_RANK})
 
 
 def _train_args(corpus, log_dir, save, *extra, iters=ITERS):
@@ -250,6 +252,9 @@ def test_corrupt_newest_checkpoint_resumes_from_older_bit_identically(corpus, re
     assert "resumed from" in proc.stderr and "iter_0000003" in proc.stderr
     _assert_same_logs(reference["logs"], logs)
     _assert_same_model(reference["ckpt"], save, ITERS)
+    # resuming the finished run changes nothing (the final evaluation is not logged twice)
+    _check(run_cli(_train_args(corpus, logs, save, "--load", save)), "resume of a finished run")
+    _assert_same_logs(reference["logs"], logs)
 
 
 def test_no_usable_checkpoint_stops_and_keeps_the_logs(corpus, reference, tmp_path):

@@ -393,7 +393,9 @@ def run_training(args: argparse.Namespace) -> TrainSummary:
 
         if args.eval_interval > 0 and iteration % args.eval_interval == 0:
             run_eval(iteration)
-        if args.save and args.save_interval and iteration % args.save_interval == 0:
+        # the last step's checkpoint comes after the final evaluation (below): a run killed in
+        # between resumes before the last step instead of skipping (or repeating) that evaluation
+        if args.save and args.save_interval and iteration % args.save_interval == 0 and iteration < args.train_iters:
             save(iteration)
         if args.exit_interval and iteration % args.exit_interval == 0 and iteration < args.train_iters:
             if args.save and last_saved != iteration:
@@ -402,7 +404,7 @@ def run_training(args: argparse.Namespace) -> TrainSummary:
                 logger.info("exiting at step %d (--exit-interval %d)", iteration, args.exit_interval)
             break
     else:
-        if args.eval_interval > 0 and evaluated_at != iteration and iteration > 0:
+        if args.eval_interval > 0 and evaluated_at != iteration and iteration > resumed_at:
             run_eval(iteration)
         if args.save and last_saved != iteration and iteration > resumed_at:
             save(iteration)
