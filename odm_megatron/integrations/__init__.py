@@ -1,8 +1,8 @@
 """Thin glue between the online-mixing core and training frameworks.
 
-- :mod:`.megatron_lm`: what ``patches/megatron-lm/odm.patch`` calls from Megatron-LM's
-  ``pretrain_gpt.py`` / ``training.py`` (flags, train dataset + mixer, sampler, loss hook, step
-  hook, bandit state next to the checkpoint);
+- :mod:`.megatron_lm`: hooked into Megatron-LM's own training loop at run time, no patch
+  (``install()``, the ``odm-megatron megatron-lm`` / ``pretrain-gpt`` launchers: flags, train
+  dataset + mixer, sampler, loss hook, step hook, bandit state next to the checkpoint);
 - :mod:`.deepspeed`: keep the bandit state in DeepSpeed checkpoints, build the data loader from a
   DeepSpeed engine, keep the mixer's step counter in line with the engine's.
 
