@@ -466,3 +466,22 @@ def test_killing_torchrun_kills_its_workers(tmp_path):
         _wait_for(lambda: all(gone(p) for p in workers), 15, "the workers to die with torchrun")
     finally:
         _kill_group(launcher)
+
+
+# --- what already held, kept by a test ------------------------------------------------------------
+
+def test_five_thousand_domains_and_hostile_domain_names(tok, tmp_path, capsys):
+    """5,000 domains (one open shard each while writing), names that try path traversal, hidden
+    files or odd characters: every domain gets its own safe shard inside --output-dir, all checked."""
+    hostile = ["../../etc/passwd", "/abs/path", ".hidden", "..", "a/b\\c", "NUL:*?", "x" * 300]
+    records = [{"text": f"words of domain {i}", "meta": {"pile_set_name": f"D{i:04d}"}} for i in range(5000 - len(hostile))]
+    records += [{"text": f"hostile {i}", "meta": {"pile_set_name": name}} for i, name in enumerate(hostile)]
+    corpus = write_corpus(str(tmp_path / "c.jsonl"), records)
+    out = tmp_path / "o"
+    rc, io = _preprocess(capsys, "--input", corpus, "--tokenizer-model", tok, "--output-dir", out, "--workers", 2)
+    assert rc == 0, io.err[-2000:]
+    manifest = Manifest.load(str(out))
+    assert len(manifest.domains) == 5000 and set(hostile) <= set(manifest.domain_names)
+    for d in manifest.domains:
+        assert os.path.dirname(d.prefix) == str(out) and not os.path.basename(d.prefix).startswith(".")
+    assert manifest.verify_shards() is True
