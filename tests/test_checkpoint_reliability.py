@@ -362,11 +362,12 @@ def test_kill_between_rename_and_tracker_resumes_from_the_newest_complete(corpus
 
 # --- the bandit state's own checksum (JSON files of the Megatron-LM glue, DeepSpeed client_state) ---
 
-def _bandit_state():
+def _bandit_state(steps=5):
     from mixer_helpers import make_mixer, train_synthetic
 
     mixer = make_mixer([13, 5, 40], interval=2, lag=1)
-    train_synthetic(mixer, range(0, 5), micro_batch_size=2)
+    if steps:
+        train_synthetic(mixer, range(0, steps), micro_batch_size=2)
     return mixer
 
 
@@ -449,6 +450,27 @@ def test_deepspeed_client_state_is_verified():
 
     with pytest.raises(BanditStateError, match=r"global_step5.*checksum mismatch"):
         odm_ds.load_checkpoint(Engine(), "/ckpt", _bandit_state())
+
+
+def test_megatron_lm_glue_refuses_a_corrupt_bandit_state_file(tmp_path):
+    """``<save>/odm/iter_XXXXXXX.json``: Megatron-LM has already chosen the iteration, so there is
+    nothing to fall back to: a clear error naming the file (never a silent load)."""
+    import types
+
+    from odm_megatron.errors import CheckpointError
+    from odm_megatron.integrations.megatron_lm import glue
+
+    mixer = _bandit_state()
+    path = glue.state_path(str(tmp_path), mixer.completed_steps)
+    mixer.save(path)
+    args = types.SimpleNamespace(iteration=mixer.completed_steps, load=str(tmp_path), save=None,
+                                 consumed_train_samples=None, global_batch_size=mixer.config.global_batch_size)
+    text = open(path).read()
+    assert '"completed_steps": 5' in text
+    open(path, "w").write(text.replace('"completed_steps": 5', '"completed_steps": 4'))
+    with pytest.raises(CheckpointError, match=r"iter_0000005\.json.*checksum mismatch") as info:
+        glue._load_state_if_resuming(args, _bandit_state(steps=0))
+    assert "\n" not in str(info.value)
 
 
 # --- 5. per-rank logs across a data-parallel size change --------------------------------------------
