@@ -119,6 +119,7 @@ def carve_heldout(inputs: List[str], train_out: str, heldout_out: str, fraction:
                 for line in lines:
                     if not line.strip():
                         continue
+                    line = line if line.endswith("\n") else line + "\n"
                     try:
                         doc = json.loads(line)
                         text, domain = doc["text"], doc
@@ -130,7 +131,7 @@ def carve_heldout(inputs: List[str], train_out: str, heldout_out: str, fraction:
                         wt.write(line.encode("utf-8"))
                         continue
                     held = key < threshold
-                    (wh if held else wt).write((line if line.endswith("\n") else line + "\n").encode("utf-8"))
+                    (wh if held else wt).write(line.encode("utf-8"))
                     side = "heldout" if held else "train"
                     c = per_domain.setdefault(str(domain), {"train_docs": 0, "heldout_docs": 0,
                                                             "train_chars": 0, "heldout_chars": 0})
