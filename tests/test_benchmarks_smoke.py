@@ -251,9 +251,10 @@ def test_carve_heldout_keeps_identical_texts_together_and_refuses_an_empty_side(
 
     docs = [{"text": f"document {i}", "meta": {"pile_set_name": "A" if i % 2 else "B"}} for i in range(200)]
     docs.append(dict(docs[7]))  # a duplicate text
-    src = tmp_path / "in.jsonl"
-    src.write_text("".join(json.dumps(d) + "\n" for d in docs) + "not json\n")
-    rec = carve_heldout([str(src)], str(tmp_path / "t.jsonl.zst"), str(tmp_path / "h.jsonl.zst"), 0.3)
+    src, tail = tmp_path / "in.jsonl", tmp_path / "tail.jsonl"
+    src.write_text("".join(json.dumps(d) + "\n" for d in docs[:-1]) + "not json")  # no final line break
+    tail.write_text(json.dumps(docs[-1]) + "\n")
+    rec = carve_heldout([str(src), str(tail)], str(tmp_path / "t.jsonl.zst"), str(tmp_path / "h.jsonl.zst"), 0.3)
     import zstandard
 
     def lines(p):
@@ -262,6 +263,7 @@ def test_carve_heldout_keeps_identical_texts_together_and_refuses_an_empty_side(
 
     kept, held = lines(tmp_path / "t.jsonl.zst"), lines(tmp_path / "h.jsonl.zst")
     assert "not json" in kept and rec["unparsed_lines_left_in_training"] == 1
+    assert len(kept) + len(held) == len(docs) + 1  # every line kept whole, on one side
     held_texts = [json.loads(x)["text"] for x in held]
     assert held_texts.count("document 7") in (0, 2)
     assert all(heldout_hash(t) < 0.3 * 2**64 for t in held_texts)
