@@ -485,3 +485,14 @@ def test_five_thousand_domains_and_hostile_domain_names(tok, tmp_path, capsys):
     for d in manifest.domains:
         assert os.path.dirname(d.prefix) == str(out) and not os.path.basename(d.prefix).startswith(".")
     assert manifest.verify_shards() is True
+
+
+def test_token_ids_beyond_the_vocabulary_without_a_record(tmp_path, capsys):
+    """--data-path (no manifest, no recorded maximum): the first batch holding such an id stops the
+    run with the domain named, not an IndexError inside the embedding."""
+    make_corpus(str(tmp_path / "d"), docs_per_domain=20)  # ids up to 255
+    prefix = str(tmp_path / "d" / "noise_text_document")
+    rc = cli_main(["train", "--data-path", "1", prefix, "--vocab-size", "128", "--eod-id", "0", *TINY_MODEL,
+                   "--make-vocab-size-divisible-by", "64", "--global-batch-size", "8", "--train-iters", "2",
+                   "--eval-interval", "0"])
+    _one_line_error(capsys.readouterr(), rc, "domain 'noise'", "beyond the vocabulary of 128")

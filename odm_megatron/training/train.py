@@ -2,7 +2,7 @@
 
 Per step (the protocol of :mod:`odm_megatron.mixer`)::
 
-    batches = this rank's micro-batches of global batch `step` (sampler -> mixer.global_batch)
+    batches = this rank's micro-batches of global batch `step` (sampler -> mixer.draw_global_batch)
     for each micro-batch:
         per_token_loss = GPTModel(tokens, labels)             # [b, s]
         mixer.accumulate(per_token_loss, loss_mask, dataset_id)
@@ -156,6 +156,22 @@ def _global_mean_loss(local_mean: torch.Tensor, env: ParallelEnv) -> float:
     if env.world_size > 1:
         dist.all_reduce(value)
     return float(value.item()) / env.dp_size
+
+
+def _check_token_ids(batch: dict, vocab_size: int, names: List[str]) -> None:
+    """Ids beyond the vocabulary would crash deep in the embedding (``IndexError``); shards with a
+    manifest record are refused at start-up, this catches the rest (``--data-path``, old manifests)."""
+    for key in ("tokens", "labels"):
+        values = batch.get(key)
+        if values is None or values.numel() == 0:
+            continue
+        top = int(values.max())
+        if top >= vocab_size:
+            row = int(torch.nonzero(values >= vocab_size)[0, 0])
+            domain = names[int(batch["dataset_id"][row])]
+            raise ConfigError(f"domain {domain!r}: its data holds token id {top}, beyond the vocabulary of "
+                              f"{vocab_size} ids (--vocab-size, or the manifest's tokenizer): the shards were made "
+                              f"with another tokenizer")
 
 
 def _nonfinite_domains(flags: torch.Tensor, names: List[str], env: ParallelEnv) -> List[str]:
@@ -334,6 +350,7 @@ def run_training(args: argparse.Namespace) -> TrainSummary:
         batches = []
         for micro in range(args.num_microbatches):
             batch = next(data_iter)
+            _check_token_ids(batch, data.train.vocab_size, names)
             if args.log_sample_order:
                 order_log.log(step + 1, micro, batch["dataset_id"].tolist(), batch.pop("position").tolist())
             batches.append(batch_to_device(batch, env.device))
