@@ -183,6 +183,77 @@ def build_figure(log_dirs: Sequence[str], title: Optional[str] = None, labels: O
     return fig
 
 
+def plot_comparison(online_dir: str, baseline_dir: str, output: str, title: Optional[str] = None,
+                    labels: Sequence[str] = ("online", "baseline")) -> str:
+    """One figure comparing an online run with a static baseline trained on the same data: the
+    online run's weights over steps (the baseline's fixed mixture drawn as dashed boundaries), each
+    domain's validation perplexity (online solid, baseline dashed) and the average perplexity of
+    both. Writes the PNG to ``output`` and returns the path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter
+
+    online, baseline = load_run(online_dir), load_run(baseline_dir)
+    domains = list(online["domains"]) + [d for d in baseline["domains"] if d not in online["domains"]]
+    cmap = plt.get_cmap("tab10" if len(domains) <= 10 else "tab20")
+    colours = {name: cmap(i % cmap.N) for i, name in enumerate(domains)}
+    fig, (ax_w, ax_d, ax_a) = plt.subplots(1, 3, figsize=(17, 5.2))
+
+    last_step = max(online["last_step"], baseline["last_step"])
+    mixture = sorted(online["mixture"], key=lambda r: r.get("effective_step", r["step"]))
+    mixture = [r for r in mixture if int(r.get("effective_step", r["step"])) <= max(1, last_step)]
+    if mixture:
+        xs = [max(1, int(r.get("effective_step", r["step"]))) for r in mixture] + [last_step]
+        ys = [[float(r["weights"].get(d, 0.0)) for r in mixture] for d in domains]
+        ax_w.stackplot(xs, [y + [y[-1]] for y in ys], colors=[colours[d] for d in domains], step="post", alpha=0.9)
+        ax_w.set_xlim(xs[0], xs[-1])
+    if baseline["mixture"]:
+        fixed = baseline["mixture"][-1]["weights"]
+        edge = 0.0
+        for d in domains[:-1]:
+            edge += float(fixed.get(d, 0.0))
+            ax_w.axhline(edge, color="black", ls="--", lw=1.0)
+    ax_w.set_ylim(0, 1)
+    ax_w.set_title(f"{labels[0]}: sampling weights (dashed: {labels[1]}'s fixed mixture)", fontsize=10)
+    ax_w.set_xlabel("step")
+    ax_w.set_ylabel("sampling weight")
+
+    def curve(run, key, name=None):
+        rows = run["eval"]
+        values = [(r.get(key) or {}).get(name, {}) if name else (r.get(key) or {}) for r in rows]
+        return [int(r["step"]) for r in rows], [v.get("ppl", float("nan")) for v in values]
+
+    for d in domains:
+        for run, ls in ((online, "-"), (baseline, "--")):
+            steps, ppl = curve(run, "domains", d)
+            ax_d.plot(steps, ppl, color=colours[d], ls=ls, marker="o", ms=2.5)
+    ax_d.set_title("validation perplexity per domain", fontsize=10)
+    for run, ls, label in ((online, "-", labels[0]), (baseline, "--", labels[1])):
+        steps, ppl = curve(run, "average")
+        ax_a.plot(steps, ppl, color="black", ls=ls, marker="o", ms=3, label=label)
+    ax_a.set_title("average validation perplexity (domains weighted equally)", fontsize=10)
+    ax_a.legend(frameon=False)
+    for ax in (ax_d, ax_a):
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.set_xlabel("step")
+        ax.grid(True, alpha=0.3, which="both")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colours[d]) for d in domains]
+    handles += [Line2D([], [], color="grey", ls="-"), Line2D([], [], color="grey", ls="--")]
+    fig.legend(handles, domains + [labels[0], labels[1]], loc="center right", frameon=False)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0, 0.89, 1))
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    fig.savefig(output, dpi=110)
+    plt.close(fig)
+    return output
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("log_dirs", nargs="+", metavar="LOG_DIR", help="--log-dir of one or more training runs")
     parser.add_argument("--output", "-o", default=None,
