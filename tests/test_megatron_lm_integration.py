@@ -140,7 +140,8 @@ def test_prior(tmp_path):
     ("mock_data", True, "^--odm-policy does not support --mock-data$"),
     ("logits_load_dir", "/x", "^--odm-policy does not support --logits-load-dir$"),
     ("dataloader_type", "cyclic", "^--odm-policy needs --dataloader-type single, got 'cyclic'$"),
-    ("odm_update_interval", 0, "^--odm-update-interval must be >= 1, got 0$"),
+    ("odm_update_interval", 0, r"^--odm-update-interval \(optimizer steps per policy update\) must be an integer "
+                               r">= 1, got 0$"),
 ])
 def test_unsupported_flags_are_named(prefixes, tmp_path, flag, value, message):
     with pytest.raises(odm_lm.OdmConfigError, match=message):

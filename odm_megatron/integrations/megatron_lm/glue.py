@@ -53,10 +53,11 @@ import torch.distributed as dist
 
 from odm_megatron.dataset import (OnlineBlendedDataset, TokenizerSpec, build_domain_datasets, domain_name_from_prefix,
                                   make_gpt_dataset_config)
-from odm_megatron.mixer import MixerConfig, OnlineMixer, UpdateRecord
-from odm_megatron.options import PriorError, add_policy_hyperparameter_args, policy_hyperparameters
-from odm_megatron.options import resolve_prior as _resolve_prior
-from odm_megatron.policy import DEFAULT_POLICY, POLICIES
+from odm_megatron.config import OdmConfig
+from odm_megatron.config import add_odm_args as _add_odm_args
+from odm_megatron.config import resolve_prior as _resolve_prior
+from odm_megatron.errors import CheckpointError, ConfigError
+from odm_megatron.mixer import OnlineMixer, UpdateRecord
 from odm_megatron.sampler import OnlineMixingBatchSampler
 from odm_megatron.training.metrics import truncate_step_log
 
@@ -71,34 +72,20 @@ ODM_STATE_DIR = "odm"
 """Subdirectory of ``--save`` holding ``iter_XXXXXXX.json`` bandit states and ``mixture.jsonl``."""
 
 
-class OdmConfigError(ValueError):
-    """An ODM flag, or a Megatron flag that ODM does not support, is wrong (one-line message)."""
+OdmConfigError = ConfigError
+"""An ODM flag, or a Megatron flag that ODM does not support, is wrong (one-line message); the
+project's one config error (``odm_megatron.errors``), under the name this module always had."""
 
-
-class OdmCheckpointError(RuntimeError):
-    """A resumed Megatron checkpoint and the bandit state do not belong together."""
+OdmCheckpointError = CheckpointError
+"""A resumed Megatron checkpoint and the bandit state do not belong together."""
 
 
 # -- flags ----------------------------------------------------------------------------------------
 def add_odm_args(parser: argparse.ArgumentParser, policy_default: Optional[str] = None) -> argparse.ArgumentParser:
-    """Megatron ``extra_args_provider``: the ``--odm-*`` flags. ODM is on iff ``--odm-policy`` is
-    set (given, or defaulted by ``policy_default``: the ``odm-megatron megatron-lm`` launcher)."""
-    g = parser.add_argument_group("online data mixing (odm-megatron)")
-    g.add_argument("--odm-policy", choices=sorted(POLICIES), default=policy_default,
-                   help=f"enable online data mixing over the --data-path prefixes (one domain each) with "
-                        f"this bandit policy (odm-exp3: the paper's EXP3; {DEFAULT_POLICY}: odm-megatron's default)")
-    g.add_argument("--odm-update-interval", type=int, default=10, help="optimizer steps per policy update")
-    g.add_argument("--odm-lag", type=int, default=2,
-                   help="steps between a policy update and the first step sampled with its weights; "
-                        "must cover the data loader's prefetch depth")
-    g.add_argument("--odm-prior", default="natural",
-                   help="initial weights: natural (the --data-path weights, else samples per domain), "
-                        "uniform, comma-separated weights in domain order, or FILE.json ({domain: weight})")
-    g.add_argument("--odm-domain-names", nargs="+", default=None,
-                   help="one name per prefix (default: prefix basenames without _text_document)")
-    add_policy_hyperparameter_args(g)
-    g.add_argument("--odm-log", default=None,
-                   help="JSON-lines log of every update (default: <save>/odm/mixture.jsonl)")
+    """Megatron ``extra_args_provider``: the project's ``--odm-*`` flags (``odm_megatron.config``).
+    ODM is on iff ``--odm-policy`` is set (given, or defaulted by ``policy_default``: the
+    ``odm-megatron megatron-lm`` launcher)."""
+    _add_odm_args(parser, policy_default=policy_default)
     return parser
 
 
@@ -120,12 +107,10 @@ def is_enabled(args: Any) -> bool:
     return getattr(args, "odm_policy", None) is not None
 
 
-def check_odm_args(args: Any) -> None:
-    """Reject flag combinations online mixing cannot honour, naming the flag."""
-    if args.odm_update_interval < 1:
-        raise OdmConfigError(f"--odm-update-interval must be >= 1, got {args.odm_update_interval}")
-    if args.odm_lag < 0:
-        raise OdmConfigError(f"--odm-lag must be >= 0, got {args.odm_lag}")
+def check_odm_args(args: Any) -> OdmConfig:
+    """The validated ``--odm-*`` settings; rejects Megatron flags online mixing cannot honour,
+    naming the flag."""
+    odm = OdmConfig.from_args(args)
     unsupported = [
         ("mock_data", "--mock-data"), ("sft", "--sft"), ("fim_data", "--fim-data"),
         ("rampup_batch_size", "--rampup-batch-size"), ("phase_transition_iterations", "--phase-transition-iterations"),
@@ -136,6 +121,7 @@ def check_odm_args(args: Any) -> None:
             raise OdmConfigError(f"--odm-policy does not support {flag}")
     if getattr(args, "dataloader_type", "single") not in (None, "single"):
         raise OdmConfigError(f"--odm-policy needs --dataloader-type single, got {args.dataloader_type!r}")
+    return odm
 
 
 # -- data -----------------------------------------------------------------------------------------
@@ -192,7 +178,7 @@ def domain_names_for(args: Any, prefixes: Sequence[str]) -> List[str]:
     if names:
         if len(names) != len(prefixes):
             raise OdmConfigError(f"--odm-domain-names lists {len(names)} names for {len(prefixes)} prefixes")
-        return list(names)
+        return [str(n) for n in names]
     names = [domain_name_from_prefix(p) for p in prefixes]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -205,10 +191,7 @@ def resolve_prior(spec: str, names: Sequence[str], blend_weights: Optional[Seque
     """``--odm-prior`` -> normalised weights in domain order ("natural": the --data-path weights,
     else samples per domain)."""
     natural = blend_weights if blend_weights is not None else num_samples
-    try:
-        return _resolve_prior(spec, names, natural, flag="--odm-prior")
-    except PriorError as e:
-        raise OdmConfigError(str(e)) from None
+    return _resolve_prior(spec, names, natural)
 
 
 def odm_dataset_sizes(train_val_test_num_samples: Sequence[Optional[int]]) -> List[Optional[int]]:
@@ -273,22 +256,19 @@ def build_odm_train_dataset(
     global _runtime
     if _runtime is not None:
         return (_runtime.dataset if built_on_rank else None), _runtime.mixer
-    check_odm_args(args)
+    odm = check_odm_args(args)
     prefixes, weights, whole_prefixes = train_blend(args)
     names = domain_names_for(args, prefixes)
     config = _dataset_config(args, config_or_tokenizer, prefixes[0], whole_prefixes)
     datasets = build_domain_datasets(prefixes, config, domain_names=names)
     dataset = OnlineBlendedDataset(datasets, seed=args.seed, domain_names=names)
-    prior = resolve_prior(args.odm_prior, names, weights, dataset.num_samples_per_domain)
-    policy_kwargs = policy_hyperparameters(args)
+    prior = odm.resolve_prior(names, weights if weights is not None else dataset.num_samples_per_domain)
     mixer = OnlineMixer(
-        MixerConfig(domain_names=names, seed=args.seed, global_batch_size=args.global_batch_size,
-                    update_interval=args.odm_update_interval, lag=args.odm_lag, policy=args.odm_policy,
-                    policy_kwargs=policy_kwargs),
+        odm.mixer_config(names, seed=args.seed, global_batch_size=args.global_batch_size),
         prior=prior, num_samples_per_domain=dataset.num_samples_per_domain, device=_default_device(),
     )
     _load_state_if_resuming(args, mixer)
-    log_path = args.odm_log
+    log_path = odm.log
     if log_path is None and getattr(args, "save", None):
         log_path = os.path.join(args.save, ODM_STATE_DIR, "mixture.jsonl")
     if log_path and _is_rank0():  # a resumed run rewrites the updates after its checkpoint; a new run starts afresh
@@ -296,7 +276,7 @@ def build_odm_train_dataset(
     _runtime = OdmRuntime(mixer=mixer, dataset=dataset, log_path=log_path)
     (logger.info if _is_rank0() else logger.debug)(
         "online data mixing (%s) over %d domains %s; prior %s; samples per domain %s; from step %d",
-        args.odm_policy, len(names), names, np.round(prior, 4).tolist(),
+        odm.policy, len(names), names, np.round(prior, 4).tolist(),
         dataset.num_samples_per_domain.tolist(), mixer.completed_steps,
     )
     return (dataset if built_on_rank else None), mixer
