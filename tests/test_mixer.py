@@ -305,3 +305,36 @@ def test_a_loader_iterator_recreated_after_a_step_is_refused():
                                      data_parallel_size=1)
     domains, positions = mixer.draw_global_batch(1)
     assert next(iter(fresh)) == list(zip(domains.tolist(), positions.tolist()))
+
+
+@pytest.mark.parametrize("save_again_at", [20, 21, 22, 23])
+def test_resume_twice_after_an_interval_change_is_identical(save_again_at):
+    """A run resumed with another interval, saved again (before or after its first update) and
+    resumed: the same as the once-resumed run. The open window's start is recovered from the
+    schedule (the last decision's step minus the lag), not from the interval, which changed."""
+    sizes = [13, 5, 40, 9]
+    first = make_mixer(sizes, interval=1, lag=2)
+    train_synthetic(first, range(0, 30), micro_batch_size=2, stop_before=19)
+    at_19 = first.state_dict()
+
+    once = make_mixer(sizes, interval=3, lag=2)
+    once.load_state_dict(at_19)
+    reference = train_synthetic(once, range(19, 30), micro_batch_size=2)
+
+    twice = make_mixer(sizes, interval=3, lag=2)
+    twice.load_state_dict(at_19)
+    head = train_synthetic(twice, range(19, 30), micro_batch_size=2, stop_before=save_again_at)
+    again = make_mixer(sizes, interval=3, lag=2)
+    again.load_state_dict(twice.state_dict())
+    tail = train_synthetic(again, range(save_again_at, 30), micro_batch_size=2)
+
+    assert len(reference["records"]) == len(head["records"] + tail["records"]) > 0
+    for a, b in zip(reference["records"], head["records"] + tail["records"]):
+        assert a[0] == b[0]
+        for x, y in zip(a[1:], b[1:]):
+            np.testing.assert_array_equal(x, y)
+    for w1, w2 in zip(reference["weights"], head["weights"] + tail["weights"]):
+        np.testing.assert_array_equal(w1, w2)
+    for (d1, p1), (d2, p2) in zip(reference["global"], head["global"] + tail["global"]):
+        np.testing.assert_array_equal(d1, d2)
+        np.testing.assert_array_equal(p1, p2)
