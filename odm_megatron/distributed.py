@@ -65,3 +65,8 @@ class FeedbackReducer:
         buffer = contribution.detach().to(device=device, dtype=torch.int64, copy=True)
         dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=self.group)
         return buffer.cpu().numpy()
+
+
+def is_writing_rank() -> bool:
+    """Whether this process writes shared files (the bandit state): global rank 0, or a lone process."""
+    return not dist.is_available() or not dist.is_initialized() or dist.get_rank() == 0

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from odm_megatron.config import DEFAULT_LAG, DEFAULT_UPDATE_INTERVAL, check_schedule
-from odm_megatron.distributed import FeedbackReducer
+from odm_megatron.distributed import FeedbackReducer, is_writing_rank
 from odm_megatron.feedback import DomainLossAccumulator, mean_losses, observed_tokens
 from odm_megatron.policy import DEFAULT_POLICY, make_policy
 from odm_megatron.schedule import WeightSchedule
@@ -286,7 +286,7 @@ class OnlineMixer:
     def save(self, path: str) -> None:
         """Write the bandit state to ``path`` (JSON). Collective; rank 0 writes."""
         state = self.bandit_state()
-        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        if is_writing_rank():
             state.save(path)
 
     def load(self, path: str) -> None:
