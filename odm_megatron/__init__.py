@@ -7,7 +7,10 @@ The library is layered, from pure math to framework glue:
 - :mod:`odm_megatron.dataset`   per-domain megatron-core GPTDatasets behind one online dataset
 - :mod:`odm_megatron.feedback`  per-domain loss accumulation on the device
 - :mod:`odm_megatron.distributed` the one place where ranks talk to each other
-- :mod:`odm_megatron.mixer`     the engine: policy + lagged weight schedule + cursors + state
+- :mod:`odm_megatron.schedule`  the lagged weight schedule (which weights sample each step)
+- :mod:`odm_megatron.stream`    domain cursors and the steps the data loader has drawn ahead
+- :mod:`odm_megatron.window`    the losses since the last update and the all-reduce that closes it
+- :mod:`odm_megatron.mixer`     the coordinator: policy + schedule + stream + window + state
 - :mod:`odm_megatron.sampler`   a Megatron-style batch sampler over the mixer
 - :mod:`odm_megatron.state`     the versioned, file-backed bandit state
 """
