@@ -71,6 +71,30 @@ def test_train_evaluates_whatever_validation_domains_are_given(tmp_path):
     assert os.path.getsize(plot_runs([logs], str(tmp_path / "plot.png"))) > 10_000
 
 
+def test_valid_data_path_names_its_domains_from_the_prefixes(tmp_path, caplog):
+    import argparse
+    import logging
+
+    from odm_megatron.errors import ConfigError
+    from odm_megatron.training.data import resolve_sources
+
+    train_dir, valid_dir = str(tmp_path / "train"), str(tmp_path / "valid")
+    make_corpus(train_dir)
+    make_corpus(valid_dir, seed=1, docs_per_domain=12, domains=("prose", "counting"))
+    prefix = lambda d, n: os.path.join(d, f"{n}_text_document")  # noqa: E731
+    args = argparse.Namespace(manifest=None, vocab_size=256, eod_id=0, valid_manifest=None,
+                              data_path=[x for n in ("counting", "motif", "noise") for x in ("1", prefix(train_dir, n))],
+                              valid_data_path=[prefix(valid_dir, "prose"), prefix(valid_dir, "counting")])
+    with caplog.at_level(logging.INFO, logger="odm_megatron.training.data"):
+        sources = resolve_sources(args)
+    assert sources.valid.domain_names == ["prose", "counting"]  # by name, not by position
+    [line] = [r.getMessage() for r in caplog.records if "validation:" in r.getMessage()]
+    assert "1 of 3 trained domains" in line and "motif, noise" in line and "prose" in line
+    args.valid_data_path = [prefix(valid_dir, "prose"), prefix(train_dir, "prose")]
+    with pytest.raises(ConfigError, match="same domain name"):
+        resolve_sources(args)
+
+
 # --- a quiet console ------------------------------------------------------------------------------
 
 NOISE = ("Transformer Engine", "Apex", "Megatron-FSDP")
