@@ -496,3 +496,33 @@ def test_token_ids_beyond_the_vocabulary_without_a_record(tmp_path, capsys):
                    "--make-vocab-size-divisible-by", "64", "--global-batch-size", "8", "--train-iters", "2",
                    "--eval-interval", "0"])
     _one_line_error(capsys.readouterr(), rc, "domain 'noise'", "beyond the vocabulary of 128")
+
+
+def test_a_worker_dies_with_its_parent_fast(tmp_path):
+    """The mechanism on its own, in seconds: a process that called die_with_launcher() (with
+    torchrun's environment) is killed by the kernel when its parent is SIGKILLed."""
+    psutil = pytest.importorskip("psutil")
+    if not sys.platform.startswith("linux"):
+        pytest.skip("PR_SET_PDEATHSIG is Linux only")
+    child = ("import time; from odm_megatron.training.parallel import die_with_launcher; "
+             "assert die_with_launcher(); open(%r, 'w').write('ready'); time.sleep(120)" % str(tmp_path / "ready"))
+    parent = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', %r]); "
+              "print(p.pid, flush=True); time.sleep(120)" % child)
+    env = dict(os.environ, TORCHELASTIC_RUN_ID="test", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    launcher = subprocess.Popen([sys.executable, "-c", parent], env=env, stdout=subprocess.PIPE, text=True,
+                                start_new_session=True)
+    try:
+        worker = psutil.Process(int(launcher.stdout.readline()))
+        _wait_for(lambda: os.path.exists(tmp_path / "ready"), 60, "the child to tie itself to its parent")
+        os.kill(launcher.pid, 9)
+        launcher.wait(timeout=10)
+
+        def gone():
+            try:
+                return worker.status() == psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                return True
+
+        _wait_for(gone, 10, "the child to die with its parent")
+    finally:
+        _kill_group(launcher)

@@ -58,15 +58,18 @@ def die_with_launcher() -> bool:
     except (OSError, AttributeError) as e:  # no libc prctl: keep going, as before
         logger.warning("cannot tie this worker to its launcher (prctl: %s): killing torchrun will not stop it", e)
         return False
-    if parent == 1 or os.getppid() != parent:
-        raise LauncherGoneError(f"the launcher (pid {parent}) exited before this worker started; not training")
     try:
         with open(f"/proc/{parent}/cmdline", "rb") as f:
             cmdline = f.read().replace(b"\0", b" ").decode("utf-8", "replace")
-        if "torch" not in cmdline:
-            logger.debug("parent %d is not torchrun (%s); tied to it all the same", parent, cmdline[:200])
     except OSError:
-        pass
+        cmdline = ""
+    # The launcher is gone if the parent changed since the request, or if it had already been
+    # replaced by init (pid 1 that is not torchrun itself, as it can be as a container's entrypoint).
+    if os.getppid() != parent or (parent == 1 and "torch" not in cmdline):
+        raise LauncherGoneError(f"the launcher (pid {parent}) exited before this worker started; not training")
+    if "torch" not in cmdline:  # a wrapper script between torchrun and us, or torchrun already gone
+        logger.warning("this worker's parent (pid %d: %s) is not torchrun: it dies with that process, not with "
+                       "torchrun", parent, cmdline[:120] or "?")
     return True
 
 
