@@ -11,6 +11,7 @@ than this one are skipped with the reason.
 """
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -112,6 +113,9 @@ def test_install_wraps_each_release(tmp_path_factory, ref):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([tree, os.environ.get("PYTHONPATH", "")]),
                TORCHDYNAMO_DISABLE="1")
     out = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, env=env, cwd=tree, timeout=300)
+    missing = re.search(r"ModuleNotFoundError: No module named '([^']+)'", out.stderr)
+    if out.returncode != 0 and missing and not missing.group(1).startswith(("megatron", "odm_megatron")):
+        pytest.skip(f"Megatron-LM {ref}'s training package needs {missing.group(1)!r}, not installed here")
     lines = [line for line in out.stdout.splitlines() if line.startswith("REPORT ")]
     assert out.returncode == 0 and lines, out.stdout[-3000:] + out.stderr[-3000:]
     report = json.loads(lines[-1][len("REPORT "):])

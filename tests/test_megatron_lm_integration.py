@@ -6,6 +6,7 @@ wrapping against every supported release; ``tests/test_megatron_lm_real_loop.py`
 import argparse
 import json
 import os
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -301,3 +302,177 @@ def test_resume_errors(prefixes, tmp_path):
 
 def test_save_is_a_no_op_before_setup(tmp_path):
     assert odm_lm.odm_save_state(SimpleNamespace(save=str(tmp_path)), 3) is None  # e.g. checkpoint conversion
+
+
+# -- what install() adds around Megatron-LM's own functions ---------------------------------------
+def fake_loss_func(loss_mask, output_tensor, model=None):
+    """pretrain_gpt.py's loss_func: the masked sum and the token count."""
+    return (output_tensor.view(-1) * loss_mask.view(-1)).sum(), loss_mask.sum(), {}
+
+
+def fake_forward_step(data_iterator, model):
+    """pretrain_gpt.py's forward_step: get_batch keeps only the tensors it knows (no dataset_id),
+    and the loss function is ``partial(loss_func, loss_mask, model=model)``."""
+    import functools
+
+    batch = next(data_iterator)
+    losses = model(batch["tokens"])
+    return losses, functools.partial(fake_loss_func, batch["loss_mask"], model=model)
+
+
+def test_forward_step_feeds_the_bandit_in_training_and_validation_in_evaluation(prefixes, tmp_path):
+    from odm_megatron.integrations.megatron_lm import hooks
+    from odm_megatron.integrations.megatron_lm.evaluation import DomainValidation
+
+    args = make_args(prefixes, tmp_path)
+    dataset, mixer = odm_lm.build_odm_train_dataset(args, TOKENIZER)
+    state = hooks._Installed(adapter=None, policy_default=None)
+    state.validation = DomainValidation(["domain0", "domain1", "domain2", "other"], mixer.domain_names, None,
+                                        torch.device("cpu"))
+    forward_step = odm_lm.wrap_forward_step(fake_forward_step, state)
+    assert odm_lm.wrap_forward_step(forward_step, state) is forward_step  # wrapped once
+    loader = odm_lm.build_odm_dataloader(dataset, args, dp_rank=0, dp_size=1)
+    batch = next(iter(odm_lm.build_odm_dataloader(dataset, args, dp_rank=0, dp_size=1)))
+    model = StandIn().train()
+    output, loss_fn = forward_step(iter(loader), model)
+    loss, tokens, _ = loss_fn(output)  # the script's loss is untouched
+    assert torch.equal(loss, (output * batch["loss_mask"]).sum())
+    tokens_by_domain = torch.zeros(3, dtype=torch.int64).index_add_(
+        0, batch["dataset_id"], batch["loss_mask"].sum(1).to(torch.int64))
+    assert mixer.accumulator.stats[1].tolist() == tokens_by_domain.tolist()  # the loss mask bound in the partial
+    bandit = mixer.accumulator.stats.clone()
+    model.eval()
+    state.validation.start()
+    output, loss_fn = forward_step(iter(loader), model)
+    loss_fn(output)
+    assert torch.equal(mixer.accumulator.stats, bandit), "evaluation fed the bandit"
+    ids = next(iter(loader))["dataset_id"]  # the loader re-created from the same step draws the same batch
+    sums = state.validation.sums
+    np.testing.assert_allclose(sums[:3, 1].numpy(), np.bincount(ids.numpy(), minlength=3) * SEQ)
+    assert sums[3].tolist() == [0.0, 0.0]
+
+
+def test_forward_step_passes_through_without_mixing():
+    seen = []
+
+    def forward_step(data_iterator, model):
+        seen.append(data_iterator)
+        return "out", "loss"
+
+    it = iter([])
+    assert odm_lm.wrap_forward_step(forward_step, None)(it, StandIn()) == ("out", "loss")
+    assert seen == [it]  # ODM off: the script's own iterator, untouched
+
+
+def test_validation_record_by_domain_with_held_out(tmp_path):
+    from odm_megatron.integrations.megatron_lm.evaluation import DomainValidation
+
+    v = DomainValidation(["web", "code", "law"], ["web", "code", "books"], str(tmp_path), torch.device("cpu"))
+    v.start()
+    losses = torch.tensor([[1.0, 3.0], [2.0, 2.0], [4.0, 4.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
+    v.add(losses, mask, torch.tensor([0, 1, 2]))
+    v.add(losses[:1], mask[:1], torch.tensor([1]))
+    v.collecting = False
+    v.add(losses, mask, torch.tensor([0, 0, 0]))  # outside an evaluation: ignored
+    record = v.finish(7)
+    assert record["step"] == 7
+    assert record["domains"] == {"web": {"loss": 2.0, "ppl": pytest.approx(np.exp(2.0)), "tokens": 2},
+                                 "code": {"loss": 2.0, "ppl": pytest.approx(np.exp(2.0)), "tokens": 3}}
+    assert record["token_weighted"]["loss"] == pytest.approx(2.0)
+    assert record["held_out"] == {"law": {"loss": 4.0, "ppl": pytest.approx(np.exp(4.0)), "tokens": 2}}
+    assert v.finish(7) is None  # Megatron's end-of-training validation at the same step: one record
+    lines = [json.loads(x) for x in open(tmp_path / "eval.jsonl")]
+    assert [x["step"] for x in lines] == [7]
+    # A resumed run at step 5 drops what the first run logged after its checkpoint.
+    DomainValidation(["web"], ["web"], str(tmp_path), torch.device("cpu"), resume_step=5)
+    assert open(tmp_path / "eval.jsonl").read() == ""
+
+
+def test_validation_of_a_single_prefix_has_no_dataset_id(tmp_path):
+    from odm_megatron.integrations.megatron_lm.evaluation import DomainValidation
+
+    v = DomainValidation(["web"], ["web"], None, torch.device("cpu"))
+    v.start()
+    v.add(torch.ones(2, 3), torch.ones(2, 3), None)  # megatron-core returns the GPTDataset itself
+    assert v.finish(1)["domains"]["web"]["tokens"] == 6
+    two = DomainValidation(["a", "b"], ["a", "b"], None, torch.device("cpu"))
+    two.start()
+    with pytest.raises(ValueError, match="validation batch without dataset_id, but 2 validation domains"):
+        two.add(torch.ones(2, 3), torch.ones(2, 3), None)
+
+
+def test_validation_domains_follow_megatrons_valid_split(tmp_path):
+    from odm_megatron.integrations.megatron_lm.evaluation import valid_domain_names, valid_prefixes
+
+    ns = SimpleNamespace
+    assert valid_prefixes(ns(data_path=["0.3", "/d/web_text_document", "0.7", "/d/code"])) == [
+        "/d/web_text_document", "/d/code"]
+    assert valid_prefixes(ns(data_path=["/a"], valid_data_path=["1", "/v/law_text_document"])) == [
+        "/v/law_text_document"]
+    assert valid_prefixes(ns(data_path=None, train_data_path=["/t"], valid_data_path=None)) is None
+    j = tmp_path / "per_split.json"
+    j.write_text(json.dumps({"train": ["/t"], "valid": ["/v1", "/v2"]}))
+    assert valid_prefixes(ns(per_split_data_args_path=str(j))) == ["/v1", "/v2"]
+    # --odm-domain-names applies to a validation prefix that is also a training prefix
+    assert valid_domain_names(["/d/web_text_document", "/x/law_text_document"], ["/d/web_text_document"],
+                              ["internet"]) == ["internet", "law"]
+
+
+def test_train_loader_iterator_leaves_the_global_rng_alone(prefixes, tmp_path):
+    """Megatron creates its loaders' iterators after load_checkpoint; on CPU the global RNG is
+    also dropout's, so a draw there would make a resumed CPU run differ from the uninterrupted one."""
+    args = make_args(prefixes, tmp_path)
+    dataset, _ = odm_lm.build_odm_train_dataset(args, TOKENIZER)
+    loader = odm_lm.build_odm_dataloader(dataset, args, dp_rank=0, dp_size=1)
+    before = torch.get_rng_state()
+    iter(loader)
+    assert torch.equal(before, torch.get_rng_state())
+
+
+MAIN_SCRIPT = """
+import multiprocessing, os, sys
+with open(os.environ["MARKER"], "a") as f:
+    f.write(__name__ + "\\n")
+if __name__ == "__main__":
+    assert sys.modules["__main__"].__file__ == os.path.abspath(sys.argv[0]), sys.argv
+    assert sys.argv[1:] == ["--num-layers", "2"], sys.argv
+    manager = multiprocessing.get_context("spawn").Manager()  # what torch_dist's writer does
+    manager.Queue().put(1)
+    manager.shutdown()
+"""
+
+
+def test_launcher_runs_the_script_as_main_without_spawn_children_reimporting_it(tmp_path, monkeypatch):
+    """torch_dist's writer starts a spawn-context Manager; its child re-imports ``__main__`` by
+    path unless ``__main__.__spec__`` names ``__main__``: the script, without the hooks."""
+    from odm_megatron.integrations.megatron_lm import launcher
+
+    script = tmp_path / "pretrain_fake.py"
+    script.write_text(MAIN_SCRIPT)
+    marker = tmp_path / "imports.txt"
+    monkeypatch.setenv("MARKER", str(marker))
+    monkeypatch.setattr(sys, "argv", [str(script), "--num-layers", "2"])
+    main_before = sys.modules["__main__"]
+    launcher._run_as_main(str(script))
+    assert sys.modules["__main__"] is main_before
+    assert marker.read_text().split() == ["__main__"]  # run once, as __main__; no __mp_main__ re-import
+
+
+def test_launcher_refuses_a_missing_script_in_one_line(tmp_path, caplog):
+    from odm_megatron.cli import main
+
+    assert main(["megatron-lm", str(tmp_path / "nope.py"), "--num-layers", "2"]) == 2
+    assert f"{tmp_path / 'nope.py'}: no such script" in caplog.text
+
+
+def test_pretrain_gpt_refuses_megatron_core_without_megatron_training(caplog):
+    """megatron-core 0.16's wheel has no megatron.training: one line saying what to do."""
+    from odm_megatron.cli import main
+    from odm_megatron.integrations.megatron_lm import adapters
+
+    if adapters.detect().wheel_has_training:
+        pytest.skip("this megatron-core ships megatron.training")
+    assert main(["pretrain-gpt", "--num-layers", "2"]) == 2
+    assert "odm-megatron pretrain-gpt needs Megatron-LM's training package, which the megatron-core wheel ships " \
+           "from 0.17 (Python 3.12); found megatron-core 0.16" in caplog.text
