@@ -75,3 +75,11 @@ def mean_losses(stats: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     mean[tokens == 0] = np.nan
     mean[stats[NONFINITE_COUNT] > 0] = np.nan
     return mean, tokens
+
+
+def observed_tokens(stats: np.ndarray) -> np.ndarray:
+    """Tokens each domain was measured on, non-finite ones included: what the policy needs to tell
+    a domain whose losses were all non-finite (observed, nan: skipped with a warning) from one
+    that was not sampled at all."""
+    stats = np.asarray(stats, dtype=np.int64).reshape(NUM_STATS, -1)
+    return stats[TOKEN_COUNT] + stats[NONFINITE_COUNT]

@@ -80,6 +80,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--adam-beta2", type=float, default=0.95, help="AdamW beta2")
     g.add_argument("--adam-eps", type=float, default=1e-8, help="AdamW epsilon")
     g.add_argument("--clip-grad", type=float, default=1.0, help="global gradient-norm clip; 0 disables")
+    g.add_argument("--max-nonfinite-steps", type=_non_negative_int, default=3,
+                   help="a step whose loss or gradient norm is not finite is skipped (no update; reported once, "
+                        "with its domains) and never checkpointed; stop with an error after this many in a row "
+                        "(1: at the first, as Megatron-LM's --check-for-nan-in-loss-and-grad; 0: never stop)")
 
     g = parser.add_argument_group("system and parallelism")
     g.add_argument("--seed", type=_non_negative_int, default=1234, help="model initialisation, dropout and data order (the same seed gives the same run)")

@@ -63,6 +63,7 @@ def _source_from_manifest(path: str, what: str) -> DataSource:
 
     try:
         manifest = Manifest.load(path)
+        manifest.verify_shards()  # sizes, .idx sha256 and max token id, before anything is built
     except ManifestError as e:
         raise ConfigError(f"{what}: {e}") from None
     return DataSource(

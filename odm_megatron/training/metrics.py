@@ -118,8 +118,11 @@ class MetricsLogger:
 
     def log_train(self, step: int, loss: float, lr: float, grad_norm: float, tokens_per_s: float,
                   step_time: float) -> None:
-        self._write("train.jsonl", {"step": step, "loss": loss, "lr": lr, "grad_norm": _finite_or_none(grad_norm),
-                                    "tokens_per_s": tokens_per_s, "step_time": step_time})
+        record = {"step": step, "loss": _finite_or_none(loss), "lr": lr, "grad_norm": _finite_or_none(grad_norm),
+                  "tokens_per_s": tokens_per_s, "step_time": step_time}
+        if record["loss"] is None or record["grad_norm"] is None and grad_norm is not None:
+            record["nonfinite"] = True  # JSON has no NaN: null plus this flag (the update was skipped)
+        self._write("train.jsonl", record)
         if self._tb is not None:
             self._tb.add_scalar("train/loss", loss, step)
             self._tb.add_scalar("train/lr", lr, step)
