@@ -476,3 +476,21 @@ def test_pretrain_gpt_refuses_megatron_core_without_megatron_training(caplog):
     assert main(["pretrain-gpt", "--num-layers", "2"]) == 2
     assert "odm-megatron pretrain-gpt needs Megatron-LM's training package, which the megatron-core wheel ships " \
            "from 0.17 (Python 3.12); found megatron-core 0.16" in caplog.text
+
+
+def test_install_after_the_script_imported_pretrain_warns(monkeypatch, caplog):
+    """``from megatron.training import pretrain`` before ``install()`` keeps the unwrapped function."""
+    from odm_megatron.integrations.megatron_lm import adapters, hooks
+
+    def pretrain():
+        pass
+
+    state = hooks._Installed(adapter=adapters.detect("0.16.1"), policy_default=None)
+    state.originals.append((None, "pretrain", pretrain))
+    monkeypatch.setattr(sys.modules["__main__"], "pretrain", pretrain, raising=False)
+    hooks._warn_if_imported_before(state)
+    assert "imported pretrain from Megatron-LM: call install() before importing megatron.training" in caplog.text
+    caplog.clear()
+    monkeypatch.delattr(sys.modules["__main__"], "pretrain")
+    hooks._warn_if_imported_before(state)
+    assert caplog.text == ""

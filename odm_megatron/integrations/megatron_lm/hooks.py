@@ -29,6 +29,7 @@ import functools
 import importlib
 import inspect
 import logging
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional, Tuple
 
@@ -95,8 +96,24 @@ def install(policy_default: Optional[str] = None, cpu_standins: Optional[bool] =
     _replace(state, training, adapter.data_loader, _wrap_data_loader(getattr(training, adapter.data_loader)))
     _replace(state, training, adapter.evaluate, _wrap_evaluate(getattr(training, adapter.evaluate), state))
     _installed = state
+    _warn_if_imported_before(state)
     logger.debug("odm-megatron hooks installed for Megatron-LM %s", adapter.series)
     return adapter
+
+
+def _warn_if_imported_before(state: _Installed) -> None:
+    """A script that imported ``pretrain`` (or ``parse_and_validate_args``) before ``install()``
+    holds the unwrapped function: say so, since mixing would silently be off."""
+    main = sys.modules.get("__main__")
+    if main is None:
+        return
+    entry_points = {state.adapter.pretrain, state.adapter.args_function}
+    stale = sorted({name for _, name, original in state.originals if name in entry_points
+                    for value in list(vars(main).values()) if value is original})
+    if stale:
+        logger.warning("install() ran after %s imported %s from Megatron-LM: call install() before importing "
+                       "megatron.training, or online data mixing stays off", getattr(main, "__file__", "__main__"),
+                       ", ".join(stale))
 
 
 def uninstall() -> None:
