@@ -134,9 +134,11 @@ class DomainValidation:
             if self.log_path:
                 with open(self.log_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(record) + "\n")
-            logger.info("odm validation at step %d: %s | average ppl %.3f, token-weighted ppl %.3f", step,
+            held_out = {n: round(r["ppl"], 3) for n, r in record.get("held_out", {}).items()}
+            logger.info("odm validation at step %d: ppl %s | average %.3f, token-weighted %.3f%s", step,
                         {n: round(r["ppl"], 3) for n, r in record["domains"].items()},
-                        record["average"]["ppl"], record["token_weighted"]["ppl"])
+                        record["average"]["ppl"], record["token_weighted"]["ppl"],
+                        f" | held out {held_out}" if held_out else "")
         if writer is not None:
             for section in ("domains", "held_out"):
                 for name, r in record.get(section, {}).items():

@@ -236,6 +236,9 @@ def _make_validation(args: Any, mixer: Any) -> Optional[DomainValidation]:
     prefixes = valid_prefixes(args)
     if not prefixes or not (getattr(args, "eval_iters", 0) or getattr(args, "full_validation", False)):
         return None
+    if getattr(args, "multiple_validation_sets", False):  # one dataset per set: dataset_id is not the prefix
+        logger.info("per-domain validation is off with --multiple-validation-sets (Megatron reports each set)")
+        return None
     train_prefixes, _, _ = glue.train_blend(args)
     names = valid_domain_names(prefixes, train_prefixes, mixer.domain_names)
     log_path = glue.get_runtime().log_path
