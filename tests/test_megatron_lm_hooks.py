@@ -64,6 +64,8 @@ CHECK = textwrap.dedent(r'''
     def provider(num_samples, vp_stage=None):
         pass
 
+    provider.is_distributed = True  # as pretrain_gpt.py sets it
+
     def forward_step(data_iterator, model):
         pass
 

@@ -494,3 +494,24 @@ def test_install_after_the_script_imported_pretrain_warns(monkeypatch, caplog):
     monkeypatch.delattr(sys.modules["__main__"], "pretrain")
     hooks._warn_if_imported_before(state)
     assert caplog.text == ""
+
+
+def test_dataset_provider_is_distributed_only_when_mixing(monkeypatch):
+    """The mixer must exist on every rank (its step end is collective), so with --odm-policy the
+    provider runs everywhere; without it, the script's own choice stands."""
+    from odm_megatron.integrations.megatron_lm import hooks
+
+    def provider(num_samples, vp_stage=None):
+        return "train", "valid", "test"
+
+    wrapped = odm_lm.wrap_dataset_provider(provider, None)
+    assert odm_lm.wrap_dataset_provider(wrapped, None) is wrapped
+    assert "vp_stage" in __import__("inspect").signature(wrapped).parameters  # Megatron checks it for VPP
+    monkeypatch.setattr(hooks, "_args", lambda: SimpleNamespace(odm_policy=None))
+    assert wrapped.is_distributed is False
+    assert wrapped([8, 2, 2]) == ("train", "valid", "test")  # mixing off: the script's datasets
+    monkeypatch.setattr(hooks, "_args", lambda: SimpleNamespace(odm_policy="odm-exp3"))
+    assert wrapped.is_distributed is True
+    provider.is_distributed = True
+    monkeypatch.setattr(hooks, "_args", lambda: SimpleNamespace(odm_policy=None))
+    assert wrapped.is_distributed is True

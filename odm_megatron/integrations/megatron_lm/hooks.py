@@ -177,14 +177,34 @@ def wrap_dataset_provider(provider: Callable, state: Optional[_Installed] = None
     With ``--odm-policy``: Megatron's own provider builds validation and test as before (train
     size 0); the train split is :func:`~.glue.build_odm_train_dataset` from the script's own
     ``GPTDatasetConfig`` (its ``core_gpt_dataset_config_from_args``, else one made from the
-    flags). Marked ``is_distributed``: the mixer must exist on every rank.
+    flags). Then it is also ``is_distributed`` (the mixer must exist on every rank: its step end
+    is collective); without ``--odm-policy`` everything is the script's own.
     """
     if getattr(provider, _WRAPPED, False):
         return provider
-    state = state or _installed
+    return _OdmDatasetsProvider(provider, state or _installed)
 
-    @functools.wraps(provider)
-    def odm_datasets_provider(train_val_test_num_samples: Any, *args: Any, **kwargs: Any) -> Any:
+
+class _OdmDatasetsProvider:
+    """See :func:`wrap_dataset_provider` (a class for its ``is_distributed`` property, which
+    Megatron reads after the flags are parsed)."""
+
+    def __init__(self, provider: Callable, state: Optional[_Installed]) -> None:
+        functools.update_wrapper(self, provider)  # name, docs, signature (vp_stage) and attributes
+        self._provider = provider
+        self._state = state
+        setattr(self, _WRAPPED, True)
+
+    @property
+    def is_distributed(self) -> bool:
+        own = bool(getattr(self._provider, "is_distributed", False))
+        try:
+            return own or glue.is_enabled(_args())
+        except (AssertionError, ImportError):  # asked before Megatron parsed its flags
+            return own
+
+    def __call__(self, train_val_test_num_samples: Any, *args: Any, **kwargs: Any) -> Any:
+        provider = self._provider
         margs = _args()
         if not glue.is_enabled(margs):
             return provider(train_val_test_num_samples, *args, **kwargs)
@@ -193,13 +213,10 @@ def wrap_dataset_provider(provider: Callable, state: Optional[_Installed] = None
         config = _script_dataset_config(provider, margs)
         built = _built_on_rank(provider, kwargs.get("vp_stage"))
         train_ds, mixer = glue.build_odm_train_dataset(margs, config, built)
+        state = self._state
         if state is not None and state.validation is None:
             state.validation = _make_validation(margs, mixer)
         return train_ds, valid_ds, test_ds
-
-    odm_datasets_provider.is_distributed = True  # type: ignore[attr-defined]
-    setattr(odm_datasets_provider, _WRAPPED, True)
-    return odm_datasets_provider
 
 
 def _script_function(provider: Callable, name: str) -> Optional[Callable]:
