@@ -377,7 +377,7 @@ def test_nonfinite_losses_stop_the_run_without_a_poisoned_checkpoint(tmp_path):
         for root, _, files in os.walk(save / f"iter_{n:07d}"):
             for name in files:
                 if name.startswith("model_optim") and name.endswith(".pt"):
-                    state = torch.load(os.path.join(root, name), map_location="cpu", weights_only=False)["model"]
+                    state = torch.load(os.path.join(root, name), map_location="cpu", weights_only=True)["model"]
                     assert all(torch.isfinite(v).all() for v in state.values() if torch.is_tensor(v)
                                and v.is_floating_point())
 

@@ -188,7 +188,7 @@ def test_library_example_runs(tmp_path):
     assert "12 policy updates over 12 steps" in proc.stdout
     for domain in ("Pile-CC", "Wikipedia (en)", "DM Mathematics", "Github", "Enron Emails"):
         assert domain in proc.stdout
-    saved = __import__("torch").load(str(tmp_path / "checkpoint.pt"), weights_only=False)
+    saved = __import__("torch").load(str(tmp_path / "checkpoint.pt"), weights_only=True)
     assert saved["step"] == 12 and saved["bandit"]
 
     spec = importlib.util.spec_from_file_location("library_usage", EXAMPLE)
