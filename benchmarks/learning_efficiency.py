@@ -13,9 +13,10 @@ report and applies the decision rule). On mini_pile (10 real domains of very une
    megatron-core GPT trained with ``odm-megatron train`` for every policy x hyperparameter setting
    x horizon x seed (static policies have no setting), the same ``--seed`` giving the same
    initialisation and data seed for every policy. Each horizon is its own run (the learning-rate
-   schedule ends at the horizon). Validation split evaluated during training; at the end the
-   final checkpoint is evaluated on the held-out slice (``train --load`` with the slice as
-   validation data; the checkpoint is then deleted unless ``--keep-checkpoints``).
+   schedule ends at the horizon). Every evaluation scores the validation split and the held-out
+   slice side by side: the run's validation manifest lists both, the slice's domains renamed
+   ``heldout-<domain>`` so that the trainer reports them as held-out domains with their own
+   average (same fixed-windows rule for both).
 3. **Figures.** Per run: final unweighted average and per-domain perplexity on both splits,
    validation curve, run time. Paired ratios to uniform (same seed, same horizon) and the
    decision are computed from those by ``learning_efficiency_report`` and stored beside them.
@@ -38,7 +39,6 @@ import json
 import logging
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import time
@@ -67,6 +67,7 @@ SETTINGS: Dict[str, Dict[str, List[str]]] = {
             "smoothed-mean": ["--odm-alpha", "0.8"]},
 }
 STATIC_SETTING = "-"  # static policies have no hyperparameters: one run per horizon and seed
+HELDOUT_TAG = "heldout-"  # the held-out slice's domains in the evaluation manifest
 
 logger = logging.getLogger("learning_efficiency")
 
@@ -191,7 +192,32 @@ def prepare_data(args: argparse.Namespace, work: str) -> Tuple[Dict[str, str], d
             _odm("preprocess", "--input", *files, "--tokenizer-model", paths["tokenizer"] + ".model",
                  "--output-dir", paths[split], "--workers", "2", "--append-eod", "--overwrite",
                  log=os.path.join(work, f"preprocess_{split}.log"), threads=1)
+    paths["eval"] = write_eval_manifest(paths["valid"], paths["heldout"], os.path.join(work, "data", "eval"))
     return paths, carve
+
+
+def write_eval_manifest(valid_dir: str, heldout_dir: str, out_dir: str) -> str:
+    """One validation manifest holding the validation split's domains as they are and the
+    held-out slice's as ``heldout-<domain>`` (never trained on, so the trainer evaluates them as
+    held-out domains). Shards are referenced where they are, with their shard records."""
+    with open(os.path.join(valid_dir, "manifest.json")) as f:
+        manifest = json.load(f)
+    with open(os.path.join(heldout_dir, "manifest.json")) as f:
+        heldout = json.load(f)
+    if heldout["tokenizer"]["sha256"] != manifest["tokenizer"]["sha256"]:
+        raise SystemExit("learning_efficiency: the validation split and the held-out slice used different tokenizers")
+    os.makedirs(out_dir, exist_ok=True)
+    domains = []
+    for source, tag in ((manifest, ""), (heldout, HELDOUT_TAG)):
+        src_dir = valid_dir if source is manifest else heldout_dir
+        for d in source["domains"]:
+            prefix = os.path.relpath(os.path.join(src_dir, d["prefix"]), out_dir)
+            domains.append({**d, "name": tag + d["name"], "prefix": prefix})
+    manifest = {**manifest, "domains": domains, "inputs": manifest.get("inputs", []) + heldout.get("inputs", [])}
+    path = os.path.join(out_dir, "manifest.json")
+    with open(path, "w") as f:
+        json.dump(manifest, f, indent=1)
+    return path
 
 
 def _smoke_corpus(work: str) -> Dict[str, List[str]]:
@@ -238,8 +264,7 @@ def run_dir(work: str, name: str, setting: str, horizon: int, seed: int) -> str:
 
 def run_one(args: argparse.Namespace, paths: Dict[str, str], work: str, name: str, setting: str,
             horizon: int, seed: int) -> str:
-    """Train one run, evaluate its final checkpoint on the held-out slice; reuse a finished one
-    made with the same flags."""
+    """Train one run (evaluated on both splits); reuse a finished one made with the same flags."""
     log_dir = run_dir(work, name, setting, horizon, seed)
     done = os.path.join(log_dir, "DONE")
     policy, prior = POLICIES[name]
@@ -254,32 +279,18 @@ def run_one(args: argparse.Namespace, paths: Dict[str, str], work: str, name: st
             raise SystemExit(f"learning_efficiency: {log_dir} was made with other settings ({made_with['flags']}); "
                              "use another --work-dir or delete it")
         return log_dir
-    heldout_dir = os.path.join(log_dir, "heldout")
-    ckpt = os.path.join(log_dir, "checkpoint")
-    for stale in (heldout_dir, ckpt):
-        shutil.rmtree(stale, ignore_errors=True)
-    os.makedirs(heldout_dir, exist_ok=True)
+    os.makedirs(log_dir, exist_ok=True)
     for stale in ("eval.jsonl", "train.jsonl", "mixture.jsonl"):
         if os.path.exists(os.path.join(log_dir, stale)):
             os.unlink(os.path.join(log_dir, stale))
     with open(config_path, "w") as f:
         json.dump(config, f, indent=1)
     t0 = time.time()
-    data = ["--manifest", os.path.join(paths["train"], "manifest.json"),
-            "--data-cache-path", os.path.join(work, "cache")]
-    _odm("train", *data, "--valid-manifest", os.path.join(paths["valid"], "manifest.json"),
-         "--log-dir", log_dir, "--save", ckpt, *flags,
+    _odm("train", "--manifest", os.path.join(paths["train"], "manifest.json"), "--valid-manifest", paths["eval"],
+         "--data-cache-path", os.path.join(work, "cache"), "--log-dir", log_dir, *flags,
          log=os.path.join(log_dir, "console.log"), threads=args.threads_per_run)
-    train_s = time.time() - t0
-    # The finished checkpoint again, with the held-out slice as validation data: nothing left to
-    # train, so the trainer only evaluates (same windows rule as the validation split).
-    _odm("train", *data, "--valid-manifest", os.path.join(paths["heldout"], "manifest.json"),
-         "--log-dir", heldout_dir, "--load", ckpt, *flags,
-         log=os.path.join(heldout_dir, "console.log"), threads=args.threads_per_run)
-    if not args.keep_checkpoints:
-        shutil.rmtree(ckpt, ignore_errors=True)
     with open(done, "w") as f:
-        f.write(f"{train_s:.1f} {time.time() - t0:.1f}\n")
+        f.write(f"{time.time() - t0:.1f}\n")
     logger.info("finished %s [%s] h%d seed %d in %.0fs", name, setting, horizon, seed, time.time() - t0)
     return log_dir
 
@@ -290,23 +301,28 @@ def read_evals(path: str) -> List[dict]:
     return sorted(rows, key=lambda r: r["step"])
 
 
+def split_figures(row: dict) -> Dict[str, dict]:
+    """One evaluation record as the two splits' figures: the validation split is the trained
+    domains' headline average, the held-out slice the ``heldout-`` domains' own average."""
+    held = {d[len(HELDOUT_TAG):]: r["ppl"] for d, r in row.get("held_out", {}).items() if d.startswith(HELDOUT_TAG)}
+    if not held or len(held) != len(row.get("held_out", {})):
+        raise SystemExit(f"learning_efficiency: evaluation at step {row['step']} has held-out domains "
+                         f"{sorted(row.get('held_out', {}))}, expected the {HELDOUT_TAG}* slice only")
+    return {"valid": {"avg_ppl": row["average"]["ppl"], "domains_ppl": {d: r["ppl"] for d, r in row["domains"].items()}},
+            "heldout": {"avg_ppl": row["held_out_average"]["ppl"], "domains_ppl": held}}
+
+
 def run_figures(log_dir: str, name: str, setting: str, horizon: int, seed: int) -> dict:
-    """The figures of one finished run, read from its eval logs (the final row must be at the horizon)."""
-    valid = read_evals(os.path.join(log_dir, "eval.jsonl"))
-    heldout = read_evals(os.path.join(log_dir, "heldout", "eval.jsonl"))
-    for split, rows in (("validation", valid), ("held-out", heldout)):
-        if not rows or rows[-1]["step"] != horizon:
-            raise SystemExit(f"learning_efficiency: {log_dir}: no {split} evaluation at step {horizon}")
+    """The figures of one finished run, read from its eval log (the final row must be at the horizon)."""
+    rows = read_evals(os.path.join(log_dir, "eval.jsonl"))
+    if not rows or rows[-1]["step"] != horizon:
+        raise SystemExit(f"learning_efficiency: {log_dir}: no evaluation at step {horizon}")
     with open(os.path.join(log_dir, "DONE")) as f:
-        train_s, total_s = (float(x) for x in f.read().split()[:2])
-
-    def final(row: dict) -> dict:
-        return {"avg_ppl": row["average"]["ppl"], "domains_ppl": {d: r["ppl"] for d, r in row["domains"].items()}}
-
-    return {"policy": name, "setting": setting, "horizon": horizon, "seed": seed,
-            "valid": final(valid[-1]), "heldout": final(heldout[-1]),
-            "valid_curve": [[r["step"], r["average"]["ppl"]] for r in valid],
-            "train_seconds": train_s, "seconds": total_s}
+        seconds = float(f.read().split()[0])
+    curves = [(r["step"], split_figures(r)) for r in rows]
+    return {"policy": name, "setting": setting, "horizon": horizon, "seed": seed, **curves[-1][1],
+            "curves": {split: [[step, fig[split]["avg_ppl"]] for step, fig in curves] for split in ("valid", "heldout")},
+            "seconds": seconds}
 
 
 # -- main ---------------------------------------------------------------------------------
@@ -338,7 +354,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer-sample-bytes", default="20M")
     p.add_argument("--parallel-runs", type=int, default=2)
     p.add_argument("--threads-per-run", type=int, default=1)
-    p.add_argument("--keep-checkpoints", action="store_true", help="keep every run's final checkpoint")
     p.add_argument("--smoke", action="store_true",
                    help="tiny synthetic corpus and model, 1 seed, 1 horizon: checks the script runs")
     return p

@@ -194,7 +194,7 @@ def render(figures: dict) -> str:
         lines.append(f"| {policy} | {setting} | {horizon} | {statistics.fmean(r['heldout']['avg_ppl'] for r in rs):.2f} "
                      f"| {statistics.fmean(r['valid']['avg_ppl'] for r in rs):.2f} |")
     lines += ["", "Average = unweighted mean of the per-domain perplexities. Per-run figures (per-domain "
-              "perplexities, validation curves, run times) are in the JSON.", ""]
+              "perplexities, curves of both splits, run times) are in the JSON.", ""]
     return "\n".join(lines)
 
 

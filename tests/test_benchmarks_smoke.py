@@ -122,16 +122,21 @@ def test_learning_efficiency_smoke(tmp_path):
     assert ({d["name"] for d in manifests["train"]["domains"]} == {d["name"] for d in manifests["heldout"]["domains"]}
             == set(carve["per_domain"]))
 
-    # per-run figures are the final rows of that run's own eval logs, at the horizon
+    # one evaluation manifest: the validation split as it is, the held-out slice as heldout-<domain>
+    eval_names = [d["name"] for d in json.loads((work / "data" / "eval" / "manifest.json").read_text())["domains"]]
+    assert eval_names == sorted(carve["per_domain"]) + [f"heldout-{d}" for d in sorted(carve["per_domain"])]
+
+    # per-run figures are the final row of that run's own eval log, at the horizon
     for (policy, setting, horizon, seed), r in runs.items():
         sub = "static" if setting == "-" else setting
-        log_dir = work / "runs" / policy / sub / f"h{horizon}" / f"seed{seed}"
-        for split, path in (("valid", log_dir / "eval.jsonl"), ("heldout", log_dir / "heldout" / "eval.jsonl")):
-            row = _last_eval(path)
-            assert row["step"] == horizon
-            assert r[split]["avg_ppl"] == row["average"]["ppl"]
-            assert r[split]["domains_ppl"] == {d: v["ppl"] for d, v in row["domains"].items()}
-        assert not (log_dir / "checkpoint").exists()  # deleted after the held-out evaluation
+        row = _last_eval(work / "runs" / policy / sub / f"h{horizon}" / f"seed{seed}" / "eval.jsonl")
+        assert row["step"] == horizon
+        assert r["valid"]["avg_ppl"] == row["average"]["ppl"]
+        assert r["valid"]["domains_ppl"] == {d: v["ppl"] for d, v in row["domains"].items()}
+        assert r["heldout"]["avg_ppl"] == row["held_out_average"]["ppl"]
+        assert r["heldout"]["domains_ppl"] == {d[len("heldout-"):]: v["ppl"] for d, v in row["held_out"].items()}
+        assert set(r["heldout"]["domains_ppl"]) == set(r["valid"]["domains_ppl"]) == set(carve["per_domain"])
+        assert r["curves"]["heldout"][-1] == [horizon, r["heldout"]["avg_ppl"]]
     # the two splits are different data: the same model scores them differently
     assert runs[("uniform", "-", 6, 1)]["valid"]["avg_ppl"] != runs[("uniform", "-", 6, 1)]["heldout"]["avg_ppl"]
 
