@@ -15,7 +15,8 @@ with what uniform sampling alone gives; the uniform baseline isolates what the o
 re-weighting adds. ``--baseline natural`` compares with Megatron's token-proportional blend.
 
 The two runs train concurrently, one process each (two cores: one each). The default takes about
-5 minutes on an idle 2-core CPU; ``--quick`` is a smoke test of about a minute. Everything lands
+4 minutes on an idle 2-core CPU (estimated from its CPU time, docs/training.md); ``--quick`` is a
+smoke test of about a minute. Everything lands
 under ``--output-dir`` (default ``./odm_demo``); the commands it ran are printed, so each step can
 be rerun by hand with other settings.
 """
