@@ -21,6 +21,7 @@ from odm_megatron.feedback import (
     TOKEN_COUNT,
     DomainLossAccumulator,
     mean_losses,
+    observed_tokens,
 )
 
 K, SEQ = 4, 16
@@ -137,6 +138,9 @@ def test_non_finite_losses_are_counted_in_the_third_row():
     # a domain with any non-finite token has no mean (the policy skips it), the others keep theirs
     assert np.isnan(mean[0]) and np.isnan(mean[1]) and mean[2] == 2.0
     assert tokens.tolist() == [1, 1, 3]
+    # measured tokens, non-finite ones included: a domain seen only through non-finite losses is
+    # "observed" (the policy warns and skips it), not "unsampled"
+    assert observed_tokens(acc.stats.numpy()).tolist() == [3, 2, 3]
 
 
 def test_several_micro_batches_and_a_reset():
