@@ -13,11 +13,9 @@ import logging
 import warnings
 
 # UserWarnings raised while megatron.core modules are imported (matched on the message start).
-_WARNING_MESSAGES = (
-    r"Transformer Engine and Apex are not installed",
-    r"Transformer Engine is not installed",
-    r"Apex is not installed",
-)
+# Only the "neither is installed, falling back" notices: a warning about one of them alone may
+# matter to a GPU user who meant to use it, and stays.
+_WARNING_MESSAGES = (r"Transformer Engine and Apex are not installed",)
 
 # INFO records megatron-core's bundled Megatron-FSDP logs at import, by logger.
 _FSDP = "megatron_fsdp"
