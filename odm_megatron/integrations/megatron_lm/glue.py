@@ -485,7 +485,7 @@ def odm_step_end(iteration: int) -> Optional[UpdateRecord]:
             os.makedirs(os.path.dirname(os.path.abspath(runtime.log_path)), exist_ok=True)
             with open(runtime.log_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(line) + "\n")
-        _log_tensorboard(record, names)
+    _log_tensorboard(record, names)  # Megatron's writer lives on the last rank; every rank has the record
     return record
 
 
