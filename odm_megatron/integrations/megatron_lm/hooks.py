@@ -29,6 +29,7 @@ import functools
 import importlib
 import inspect
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional, Tuple
@@ -259,7 +260,7 @@ def _make_validation(args: Any, mixer: Any) -> Optional[DomainValidation]:
     train_prefixes, _, _ = glue.train_blend(args)
     names = valid_domain_names(prefixes, train_prefixes, mixer.domain_names)
     log_path = glue.get_runtime().log_path
-    log_dir = __import__("os").path.dirname(__import__("os").path.abspath(log_path)) if log_path else None
+    log_dir = os.path.dirname(os.path.abspath(log_path)) if log_path else None
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     return DomainValidation(names, mixer.domain_names, log_dir, device, resume_step=mixer.completed_steps)
 
