@@ -26,6 +26,7 @@ import argparse
 import logging
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -260,6 +261,9 @@ def run_demo(output_dir: str, quick: bool = False, train_iters: Optional[int] = 
                          "--output-dir", os.path.join(data_dir, split), "--workers", str(workers),
                          "--append-eod", "--overwrite", "--no-progress"])
 
+    # A demo run owns its runs/: a repeated demo starts both runs afresh (train refuses, rightly, to
+    # start a new run over an earlier run's logs).
+    shutil.rmtree(runs_dir, ignore_errors=True)
     per_run = threads if threads > 0 else max(1, choose_threads(0) // 2)
     static_label = f"static {baseline}"
     online_dir, static_dir = os.path.join(runs_dir, policy), os.path.join(runs_dir, f"static-{baseline}")

@@ -18,11 +18,10 @@ import pytest
 from odm_megatron.cli import main as cli_main
 from odm_megatron.manifest import Manifest, shard_record
 from odm_megatron.preprocess.fixtures import jsonl_bytes, make_documents, write_corpus
-from odm_megatron.tokenizer import load_tokenizer
 
 from core_fixtures import write_indexed_dataset
 from fixtures_corpus import read_shard, train_test_tokenizer
-from training_fixtures import REPO, TINY_MODEL, VOCAB_SIZE, make_corpus, read_jsonl, run_cli
+from training_fixtures import REPO, TINY_MODEL, VOCAB_SIZE, make_corpus, run_cli
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 
-import pytest
 
 from odm_megatron.cli import main as cli_main
 from odm_megatron.training.plot import build_figure, load_run, plot_runs, run_label, run_labels

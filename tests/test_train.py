@@ -223,7 +223,7 @@ def test_bad_flags_give_one_line_errors(corpus, capsys, tmp_path):
         (["train", "--manifest", corpus["train"]], "--train-iters is required"),
         (base + ["--tensor-model-parallel-size", "2"], "needs GPUs"),
         (base + ["--save-interval", "2"], "--save-interval needs --save"),
-        (base + ["--prior", str(tmp_path / "missing.json")], "--prior"),
+        (base + ["--prior", str(tmp_path / "missing.json")], "--odm-prior"),  # an alias: the message names the flag
         (base + ["--hidden-size", "30"], "not divisible by --num-attention-heads"),
         (base + ["--bf16"], "--bf16 needs a GPU"),
     ]

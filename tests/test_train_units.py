@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 
+from odm_megatron.config import resolve_prior
 from odm_megatron.training import checkpoint as ckpt
 from odm_megatron.training.arguments import ConfigError, add_arguments, parse_data_path, validate_args
 from odm_megatron.training.cpu_shims import CpuRNGStatesTracker
-from odm_megatron.training.data import domain_name_from_prefix, resolve_prior
+from odm_megatron.training.data import domain_name_from_prefix
 from odm_megatron.training.evaluate import _rank_chunks, eval_windows
 from odm_megatron.training.optim import LRSchedule
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Optional
 
 from odm_megatron.training.arguments import ConfigError, add_arguments as _add_arguments, validate_args
 

@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import List, Optional
 
 import numpy as np
 import torch
 
-from odm_megatron import options
 from odm_megatron.dataset import domain_name_from_prefix
 from odm_megatron.training.arguments import ConfigError, parse_data_path
 
@@ -51,7 +50,6 @@ class TrainingData:
     valid: Optional[DataSource]
     train_dataset: "object" = None  # OnlineBlendedDataset
     valid_datasets: Optional[List["object"]] = None  # GPTDataset per validation domain (valid.domain_names order)
-    extra: Dict[str, object] = field(default_factory=dict)
 
     @property
     def domain_names(self) -> List[str]:
@@ -146,14 +144,6 @@ def _check_valid(train: DataSource, valid: DataSource) -> None:
                     "data): %s; held-out (not trained on, reported separately): %s",
                     len(train.domain_names) - len(unscored), len(train.domain_names),
                     ", ".join(unscored) or "none", ", ".join(held_out) or "none")
-
-
-def resolve_prior(spec: str, domain_names: Sequence[str], natural_weights: np.ndarray) -> np.ndarray:
-    """``--prior`` -> normalised weights in domain order (see :func:`odm_megatron.options.resolve_prior`)."""
-    try:
-        return options.resolve_prior(spec, domain_names, natural_weights)
-    except options.PriorError as e:
-        raise ConfigError(str(e)) from None
 
 
 def build_datasets(args: argparse.Namespace, data: TrainingData) -> TrainingData:
