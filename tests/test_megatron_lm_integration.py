@@ -109,16 +109,17 @@ def test_train_blend_sources(tmp_path):
     j = tmp_path / "per_split.json"
     j.write_text(json.dumps({"train": ["u", "v"], "valid": ["w"]}))
     assert odm_lm.train_blend(ns(per_split_data_args_path=str(j))) == (["u", "v"], None, True)
-    with pytest.raises(odm_lm.OdmConfigError, match="--data-path"):
+    with pytest.raises(odm_lm.OdmConfigError, match=r"^--odm-policy needs the training domains in --data-path \(or --train-data-path\)$"):
         odm_lm.train_blend(ns(data_path=None))
 
 
 def test_domain_names():
     ns = SimpleNamespace(odm_domain_names=None)
     assert odm_lm.domain_names_for(ns, ["/d/github_text_document", "/d/arxiv"]) == ["github", "arxiv"]
-    with pytest.raises(odm_lm.OdmConfigError, match="--odm-domain-names"):
+    with pytest.raises(odm_lm.OdmConfigError,
+                       match=r"^prefixes give the same domain name \['web'\]; name them with --odm-domain-names$"):
         odm_lm.domain_names_for(ns, ["/a/web_text_document", "/b/web_text_document"])
-    with pytest.raises(odm_lm.OdmConfigError, match="2 names for 3"):
+    with pytest.raises(odm_lm.OdmConfigError, match="^--odm-domain-names lists 2 names for 3 prefixes$"):
         odm_lm.domain_names_for(SimpleNamespace(odm_domain_names=["a", "b"]), ["x", "y", "z"])
 
 
@@ -286,7 +287,7 @@ def test_resume_errors(prefixes, tmp_path):
     with pytest.raises(odm_lm.OdmCheckpointError, match="no bandit state.*copy odm/iter_"):
         odm_lm.build_odm_train_dataset(make_args(prefixes, tmp_path, iteration=3, load=args.save), TOKENIZER)
     odm_lm.reset()
-    with pytest.raises(odm_lm.OdmCheckpointError, match="constant global batch size"):
+    with pytest.raises(odm_lm.OdmCheckpointError, match=r"^checkpoint 4 consumed 20 samples, not 4 x 8: online mixing needs a constant global batch size$"):
         odm_lm.build_odm_train_dataset(
             make_args(prefixes, tmp_path, iteration=4, consumed_train_samples=20, load=args.save), TOKENIZER)
     odm_lm.reset()
@@ -296,7 +297,7 @@ def test_resume_errors(prefixes, tmp_path):
                                                  load=args.save, seed=12), TOKENIZER)
     odm_lm.reset()
     _, mixer = odm_lm.build_odm_train_dataset(make_args(prefixes, tmp_path), TOKENIZER)
-    with pytest.raises(odm_lm.OdmCheckpointError, match="completed 0 steps"):
+    with pytest.raises(odm_lm.OdmCheckpointError, match="^saving checkpoint 3 but the mixer has completed 0 steps; odm_step_end"):
         odm_lm.odm_save_state(args, 3)
 
 
