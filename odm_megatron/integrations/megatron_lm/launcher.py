@@ -33,7 +33,8 @@ logger = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("script", help="the Megatron-LM training script, e.g. /path/to/Megatron-LM/pretrain_gpt.py")
     parser.add_argument("script_args", nargs=argparse.REMAINDER, metavar="ARGS",
-                        help="Megatron-LM's flags and the --odm-* flags (--odm-policy, --odm-prior, ...)")
+                        help="Megatron-LM's flags and the --odm-* flags, parsed by Megatron-LM's own parser "
+                             "(here --odm-policy defaults to odm-megatron's default policy: mixing is on)")
 
 
 def _put_first(path: str) -> None:
