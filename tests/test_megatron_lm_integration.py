@@ -516,3 +516,25 @@ def test_dataset_provider_is_distributed_only_when_mixing(monkeypatch):
     provider.is_distributed = True
     monkeypatch.setattr(hooks, "_args", lambda: SimpleNamespace(odm_policy=None))
     assert wrapped.is_distributed is True
+
+
+def test_cpu_standins_never_touch_a_gpu_run(monkeypatch):
+    from odm_megatron.integrations.megatron_lm import cpu_standins
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    before = (torch.cuda.device_count, torch.cuda.synchronize, torch.Tensor.type, dict(sys.modules))
+    assert cpu_standins.apply() is False
+    assert (torch.cuda.device_count, torch.cuda.synchronize, torch.Tensor.type) == before[:3]
+    assert cpu_standins.BATCH_INVARIANT not in set(sys.modules) - set(before[3])
+
+
+def test_cuda_tensors_stay_on_the_cpu_under_the_standin_mode():
+    from odm_megatron.integrations.megatron_lm.cpu_standins import CudaToCpu
+
+    with CudaToCpu():
+        made = torch.zeros(2, device="cuda")
+        moved = torch.ones(2).cuda()
+        to = torch.ones(2).to("cuda", non_blocking=True)
+        to_device = torch.ones(2).to(torch.device("cuda", 0))
+    assert {t.device.type for t in (made, moved, to, to_device)} == {"cpu"}
+    assert torch.equal(to, torch.ones(2))
