@@ -210,12 +210,14 @@ def test_domain_names():
 
 
 def test_old_error_names_are_the_new_types():
-    from odm_megatron import options
     from odm_megatron.integrations import deepspeed as odm_ds
+    from odm_megatron.integrations import megatron_lm as odm_lm
+    from odm_megatron.state import BanditStateError
     from odm_megatron.training import arguments
 
-    assert arguments.ConfigError is options.PriorError is errors.ConfigError
-    assert odm_ds.OdmCheckpointError is errors.CheckpointError
+    assert arguments.ConfigError is odm_lm.OdmConfigError is errors.ConfigError
+    assert odm_ds.OdmCheckpointError is odm_lm.OdmCheckpointError is errors.CheckpointError
+    assert issubclass(BanditStateError, errors.CheckpointError)
     assert issubclass(ConfigError, ValueError) and issubclass(CheckpointError, RuntimeError)
 
 
