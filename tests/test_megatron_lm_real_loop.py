@@ -134,7 +134,10 @@ def megatron_args(shards: Dict[str, object], save: str, layout: str) -> List[str
 def run_job(entry: List[str], args: List[str], env_extra: Dict[str, str], log: str) -> str:
     """One torchrun job (2 processes) of ``odm-megatron ENTRY ARGS`` (or, with ``entry[0]`` a
     ``.py`` file, of that script); returns its output, fails the test on a non-zero exit."""
-    env = dict(os.environ)
+    # megatron-core's LanguageModule writes NVTE_*_ATTN into os.environ for its attention backend
+    # ("auto" by default) when any earlier test in this process built a model; Megatron-LM then
+    # refuses --attention-backend unfused. Those are this process's leftovers, not settings.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NVTE_")}
     env.update(OMP_NUM_THREADS="1", CUDA_DEVICE_MAX_CONNECTIONS="1", PYTHONWARNINGS="ignore")
     env.update(env_extra)
     program = entry if entry[0].endswith(".py") else ["--no-python", _odm_megatron_script(), *entry]
