@@ -14,9 +14,9 @@ first K ln K updates (the paper's schedule), so against the natural mixture it w
 with what uniform sampling alone gives; the uniform baseline isolates what the online
 re-weighting adds. ``--baseline natural`` compares with Megatron's token-proportional blend.
 
-The two runs train concurrently, one process each (two cores: one each). The default takes about
-4 minutes on an idle 2-core CPU (estimated from its CPU time, docs/training.md); ``--quick`` is a
-smoke test of about a minute. Everything lands
+The two runs train concurrently, one process each (two cores: one each). The default took 3m25s
+on an idle 2-core CPU (docs/training.md); ``--quick`` is a smoke test of about a minute.
+Everything lands
 under ``--output-dir`` (default ``./odm_demo``); the commands it ran are printed, so each step can
 be rerun by hand with other settings.
 """
